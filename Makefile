@@ -1,0 +1,47 @@
+# Set-up on a fresh machine is two commands: `make serve` and `make test`.
+# The model store is BentoML's: $BENTOML_HOME (default ~/bentoml); `bentoml models list` shows it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 3000
+MODEL ?= digits-classifier:latest
+PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: help venv model train serve test build clean
+
+help:
+	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
+	@echo "make test    create $(VENV) if needed and run the whole test suite"
+	@echo "make train   train and export a new version of the default model"
+	@echo "make build   bentoml build (the bento carries the model)"
+
+venv: $(BIN)/.installed
+
+# Re-installs when a requirements file changes. pip, not uv: see requirements/constraints.txt.
+$(BIN)/.installed: requirements/*.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -r requirements/dev.txt
+	touch $@
+
+# Trains only when the store has no $(MODEL): idempotent.
+model: venv
+	@$(BIN)/bentoml models get $(MODEL) >/dev/null 2>&1 \
+		|| { echo "No $(MODEL) in the model store; training it (about 30 s)."; $(BIN)/python -m train_export; }
+
+train: venv
+	$(BIN)/python -m train_export
+
+serve: model
+	$(BIN)/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+build: model
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,162 @@
+"""ImageClassifier: a BentoML service that classifies images with an ONNX graph from the model store.
+
+A request's path: upload -> `serving.preprocess.decode_image` (per request, while it is being
+parsed, so decoding runs beside the batch that is running, not behind it) -> BentoML's adaptive
+batcher -> `serving.runtime.OnnxRuntime` (one call per batch) -> `serving.postprocess` -> JSON.
+No torch, no torchvision and no training code is imported here: the store entry's card.json says
+everything the service needs to know about the model.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import NotFound
+from pydantic import AfterValidator, Field
+
+from serving import settings as configuration
+from serving.contract import ONNX_FILE, ModelCard
+from serving.postprocess import to_predictions
+from serving.preprocess import decode_image
+from serving.runtime import OnnxRuntime, gpu_available
+from serving.schemas import ModelInfo, Prediction
+
+logger = logging.getLogger("bentoml.image_classifier")
+
+SETTINGS, BENTOML_SERVICE_CONFIG = configuration.load()
+MODEL = bentoml.models.BentoModel(SETTINGS.model.tag)
+
+
+def read_model_card() -> ModelCard:
+    stored = MODEL.stored
+    if stored is None:
+        raise NotFound(
+            f"model {SETTINGS.model.tag!r} is not in the BentoML model store: train and export "
+            "it with `make train` (or `python -m train_export`), or set image_classifier.model.tag "
+            "in configuration.yaml to a tag that `bentoml models list` shows."
+        )
+    return ModelCard.read(Path(stored.path))
+
+
+CARD = read_model_card()
+INPUT = CARD.input
+
+
+@dataclass(frozen=True, slots=True)
+class Pixels:
+    """One image, preprocessed to the model's input, and when the server received it."""
+
+    array: np.ndarray
+    received_at: float
+
+
+def _decode_upload(path: Path) -> Pixels:
+    received_at = time.perf_counter()
+    return Pixels(decode_image(path, INPUT), received_at)
+
+
+def _validate_tensor(array: np.ndarray) -> list[Pixels]:
+    received_at = time.perf_counter()
+    h, w, c = INPUT.shape
+    expected = (f"(N, {h}, {w}) or " if c == 1 else "") + f"(N, {h}, {w}, {c})"
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        raise ValueError(f"pixels must be a non-empty array of numbers 0-255 of shape {expected}")
+    if array.ndim == 3 and c == 1:
+        array = array[..., np.newaxis]
+    if array.ndim != 4 or array.shape[1:] != (h, w, c):
+        raise ValueError(f"pixels has shape {tuple(array.shape)}; this model expects {expected}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise ValueError("pixel values must be finite numbers from 0 to 255")
+    if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
+        raise ValueError("pixel values must be whole numbers from 0 to 255 (uint8)")
+    pixels = array.astype(np.uint8)
+    return [Pixels(image, received_at) for image in pixels]
+
+
+ImageUpload = Annotated[Path, AfterValidator(_decode_upload)]
+PixelTensor = Annotated[
+    np.ndarray,
+    AfterValidator(_validate_tensor),
+    Field(
+        description=f"uint8 pixels, shape (N, {INPUT.height}, {INPUT.width}"
+        + (")" if INPUT.channels == 1 else f", {INPUT.channels})"),
+        examples=[np.zeros((1, INPUT.height, INPUT.width), dtype=int).tolist()]
+        if INPUT.channels == 1
+        else None,
+    ),
+]
+
+BATCHING = dict(
+    batchable=True,
+    max_batch_size=SETTINGS.batching.max_batch_size,
+    max_latency_ms=SETTINGS.batching.max_latency_ms,
+)
+
+
+@bentoml.service(**BENTOML_SERVICE_CONFIG)
+class ImageClassifier:
+    """Image classification with an ONNX graph from the BentoML model store."""
+
+    model = MODEL
+
+    def __init__(self) -> None:
+        self.card = CARD
+        self.tag = str(self.model.tag)
+        self.runtime = OnnxRuntime(
+            Path(self.model.path_of(ONNX_FILE)),
+            self.card.input,
+            self.card.graph,
+            providers=SETTINGS.model.providers,
+            intra_op_threads=SETTINGS.model.intra_op_threads,
+        )
+        logger.info("Serving %s on %s", self.tag, self.runtime.active_provider)
+
+    def __is_ready__(self) -> bool:
+        return self.runtime is not None
+
+    @bentoml.api(route="/classify", **BATCHING)
+    def classify(self, images: list[ImageUpload]) -> list[Prediction]:
+        """Classify one or more uploaded images (multipart field `images`, repeat it for
+        several). Answers one prediction per image, in upload order."""
+        return self._predict(images)
+
+    @bentoml.api(route="/classify_tensor", **BATCHING)
+    def classify_tensor(self, pixels: PixelTensor) -> list[Prediction]:
+        """Classify already-decoded pixels: JSON numbers 0-255 of shape (N, H, W) or
+        (N, H, W, C) at the model's input size (see /model_info)."""
+        return self._predict(pixels)
+
+    @bentoml.api(route="/model_info")
+    def model_info(self) -> ModelInfo:
+        """The served model: tag, labels, input spec, execution provider, parity, accuracy."""
+        return ModelInfo(
+            tag=self.tag,
+            architecture=self.card.architecture,
+            labels=self.card.labels,
+            input=self.card.input,
+            active_provider=self.runtime.active_provider,
+            providers=self.runtime.providers,
+            gpu_available=gpu_available(),
+            parity=self.card.parity,
+            accuracy=self.card.accuracy,
+            lineage=self.card.lineage,
+            max_batch_size=SETTINGS.batching.max_batch_size,
+            max_latency_ms=SETTINGS.batching.max_latency_ms,
+            top_k=SETTINGS.response.top_k,
+        )
+
+    def _predict(self, batch: list[Pixels]) -> list[Prediction]:
+        """One adaptive batch (images from many requests) -> one runtime call."""
+        probabilities, _features = self.runtime.run(np.stack([p.array for p in batch]))
+        done = time.perf_counter()
+        return to_predictions(
+            probabilities,
+            self.card.labels,
+            SETTINGS.response.top_k,
+            self.tag,
+            [(done - p.received_at) * 1000.0 for p in batch],
+        )

@@ -1,0 +1,102 @@
+"""Upload -> decode -> preprocess: bytes of any common image format to the uint8 pixels the graph
+takes (H, W, C at the model's input size). Scaling and normalization are in the graph, not here.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .contract import InputSpec
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class InvalidImage(ValueError):
+    """The upload is not an image Pillow can decode; the message says what to send instead."""
+
+
+def decode_image(source: bytes | Path, spec: InputSpec) -> np.ndarray:
+    """Decode one upload and return pixels of shape `spec.shape`, dtype uint8."""
+    image = _open(source)
+    try:
+        image.seek(0)  # animated GIF/PNG/WebP: the first frame
+        # JPEG only: let libjpeg decode at a reduced scale that is still >= the target size;
+        # the resize below does the rest, so this is faster at no cost in quality.
+        image.draft(spec.color_mode, (spec.width, spec.height))
+        image = ImageOps.exif_transpose(image)
+        image = to_color_mode(image, spec)
+        image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _undecodable(exc) from None
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels.reshape(spec.shape)
+
+
+def _open(source: bytes | Path) -> Image.Image:
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise InvalidImage("the upload is empty (0 bytes); send an image file")
+        source = io.BytesIO(source)
+    elif Path(source).stat().st_size == 0:
+        raise InvalidImage("the upload is empty (0 bytes); send an image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) before it errors; the error is ours to raise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(source)
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            "the upload is not an image Pillow recognises; send a PNG, JPEG, GIF, BMP, TIFF or "
+            "WebP file"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _undecodable(exc) from None
+
+
+def _undecodable(exc: Exception) -> InvalidImage:
+    return InvalidImage(
+        f"could not decode the image ({exc}); send a complete PNG, JPEG, GIF, BMP, TIFF or "
+        "WebP file"
+    )
+
+
+def to_color_mode(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Any Pillow mode -> the model's colour mode ('L' or 'RGB')."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _to_8bit(image)
+    if image.mode == "P":
+        # Palette images may carry transparency in their palette; expand it to an alpha band.
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = _flatten_alpha(image, spec)
+    if image.mode != spec.color_mode:
+        image = image.convert(spec.color_mode)  # CMYK, YCbCr, LAB, 1, ... are converted by Pillow
+    return image
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images: scale the full range to 0-255 instead of clipping."""
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I") and values.max(initial=0) > 255 else 255.0
+    if image.mode == "F" and values.max(initial=0) <= 1.0:
+        top = 1.0
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def _flatten_alpha(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Composite onto the background the model was trained on (black for light-on-dark ink)."""
+    background = (0, 0, 0) if spec.polarity == "light_on_dark" else (255, 255, 255)
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, background + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")

@@ -1,0 +1,80 @@
+"""Batch -> runtime: one ONNX Runtime session, on the best execution provider available."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .contract import GraphSpec, InputSpec
+
+logger = logging.getLogger(__name__)
+
+_PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(
+    preferred: Sequence[str], available: Sequence[str], gpu_present: bool
+) -> list[str]:
+    """The preferred providers that this onnxruntime build offers, CPU always last.
+
+    onnxruntime-gpu lists CUDA and TensorRT even on machines without a GPU, and asking for them
+    there logs a loud load failure before it falls back; so GPU providers need a device too.
+    """
+    usable = [p for p in available if gpu_present or p not in _GPU_PROVIDERS]
+    chosen = [_PROVIDER_NAMES[p] for p in preferred if _PROVIDER_NAMES[p] in usable]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxRuntime:
+    """Runs uint8 NHWC batches and returns (probabilities, features) as float32 arrays."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        input_spec: InputSpec,
+        graph: GraphSpec,
+        providers: Sequence[str] = ("cuda", "cpu"),
+        intra_op_threads: int = 0,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        requested = choose_providers(providers, ort.get_available_providers(), gpu_available())
+        if "CUDAExecutionProvider" in requested:
+            # The CUDA/cuDNN libraries come as pip wheels (nvidia-*), which are not on the
+            # loader's path; ORT's helper finds and loads them.
+            ort.preload_dlls(directory="")
+        self.session = ort.InferenceSession(str(model_path), options, providers=requested)
+        # A provider can be listed as available yet fail to initialise (no driver, no GPU):
+        # ORT then falls back silently, so report what the session really uses.
+        self.providers: list[str] = self.session.get_providers()
+        self.input_spec = input_spec
+        self.graph = graph
+        self._outputs = [graph.probabilities_name, graph.features_name]
+        logger.info("ONNX Runtime %s session on %s", ort.__version__, self.providers[0])
+        self.run(np.zeros((1, *input_spec.shape), dtype=np.uint8))  # warm-up before ready
+
+    @property
+    def active_provider(self) -> str:
+        return self.providers[0]
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, features = self.session.run(self._outputs, {self.graph.input_name: pixels})
+        return probabilities, features
+
+
+def gpu_available() -> bool:
+    """An NVIDIA device is visible and this onnxruntime build has the CUDA provider."""
+    has_device = any(Path("/dev").glob("nvidia[0-9]*"))
+    return has_device and "CUDAExecutionProvider" in ort.get_available_providers()

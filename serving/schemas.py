@@ -1,0 +1,62 @@
+"""Postprocess -> JSON: the shapes of every answer, with examples for the Swagger UI."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .contract import InputSpec, Parity
+
+
+class ClassScore(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class Prediction(BaseModel):
+    """The answer for one image."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "example": {
+                "label": "7",
+                "class_id": 7,
+                "confidence": 0.998,
+                "top_k": [
+                    {"label": "7", "class_id": 7, "probability": 0.998},
+                    {"label": "9", "class_id": 9, "probability": 0.001},
+                    {"label": "1", "class_id": 1, "probability": 0.0005},
+                ],
+                "model": "digits-classifier:5qd3x2bxvo6a2aav",
+                "processing_ms": 3.1,
+            }
+        },
+    )
+
+    label: str
+    class_id: int
+    confidence: float = Field(description="Probability of `label`.")
+    top_k: list[ClassScore] = Field(description="Most probable classes, best first.")
+    model: str = Field(description="Tag of the model that produced this answer.")
+    processing_ms: float = Field(
+        description="Server-side time from receiving the image to answering, in milliseconds."
+    )
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    tag: str
+    architecture: str
+    labels: list[str]
+    input: InputSpec
+    active_provider: str
+    providers: list[str]
+    gpu_available: bool
+    parity: Parity | None
+    accuracy: dict[str, float]
+    lineage: dict
+    max_batch_size: int
+    max_latency_ms: int
+    top_k: int

@@ -1,0 +1,97 @@
+"""Helpers shared by the tests: subprocesses and a real `bentoml serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 120  # generous for a loaded CI machine; readiness itself is benchmarked
+
+
+def python(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env or os.environ.copy(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def start_server(
+    target: Sequence[str], cwd: Path, log_dir: Path, env: dict | None = None
+) -> Iterator[RunningServer]:
+    """Run `bentoml serve TARGET` on a free loopback port until it is ready; stop it by its PID."""
+    port = free_port()
+    log = log_dir / f"serve-{port}.log"
+    command = [str(BIN / "bentoml"), "serve", *target, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env or os.environ.copy(), stdout=out, stderr=subprocess.STDOUT
+        )
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_until_ready(server)
+        yield server
+    finally:
+        stop(process)
+
+
+def wait_until_ready(server: RunningServer) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited early:\n{server.log_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise RuntimeError(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{server.log_text()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server we started (it stops its own workers), SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def metric_samples(metrics_text: str, name: str) -> dict[str, float]:
+    """Prometheus text -> {label string: value} for one metric name."""
+    samples = {}
+    for line in metrics_text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{.*\}})?\s+(\S+)$", line)
+        if match:
+            samples[match.group(1) or ""] = float(match.group(2))
+    return samples

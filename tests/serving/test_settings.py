@@ -1,0 +1,64 @@
+"""configuration.yaml: the shipped file is valid, bad values name the key and what is allowed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving import settings
+from tests.helpers import ROOT, python
+
+
+def in_service_block(section: dict, **bentoml_keys) -> dict:
+    return {"services": {"ImageClassifier": {**bentoml_keys, "image_classifier": section}}}
+
+
+def test_shipped_configuration_is_valid() -> None:
+    document = settings.read_config_file(ROOT / "configuration.yaml")
+    parsed = settings.parse_settings(document)
+    assert parsed.model.tag == "digits-classifier:latest"
+    service = settings.service_config(document)
+    assert service["traffic"]["timeout"] > 0
+    assert settings.SECTION not in service, "our section must not reach @bentoml.service"
+
+
+def test_bentoml_cli_accepts_the_file_as_bentoml_config() -> None:
+    """BentoML validates $BENTOML_CONFIG when its CLI starts (schema v1, then v2 for services)."""
+    env = {**os.environ, "BENTOML_CONFIG": str(ROOT / "configuration.yaml")}
+    result = python("-c", "import bentoml_cli.cli", env=env)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "section, fragment",
+    [
+        ({"model": {"providers": ["gpu"]}}, "'tensorrt', 'cuda' or 'cpu'"),
+        ({"batching": {"max_batch_size": 1}}, "greater than 1"),
+        ({"response": {"top_k": 0}}, "greater than or equal to 1"),
+        ({"model": {"tag": "no spaces allowed"}}, "should match pattern"),
+        ({"batching": {"max_batch_sise": 8}}, "Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_values_name_the_key_and_the_allowed_values(section: dict, fragment: str) -> None:
+    with pytest.raises(settings.ConfigurationError) as caught:
+        settings.parse_settings(in_service_block(section))
+    key = next(iter(section))
+    assert f"services.ImageClassifier.image_classifier.{key}." in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_bentoml_config_env_points_at_another_file(tmp_path: Path, monkeypatch) -> None:
+    other = tmp_path / "prod.yaml"
+    other.write_text(yaml.safe_dump(in_service_block({"response": {"top_k": 5}}, workers=2)))
+    monkeypatch.setenv("BENTOML_CONFIG", str(other))
+    parsed, service = settings.load()
+    assert parsed.response.top_k == 5 and service == {"workers": 2}
+
+
+def test_missing_file_says_how_to_fix(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BENTOML_CONFIG", str(tmp_path / "nope.yaml"))
+    with pytest.raises(settings.ConfigurationError, match="set BENTOML_CONFIG"):
+        settings.load()

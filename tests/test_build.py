@@ -1,0 +1,66 @@
+"""`bentoml build`: a torch-free bento that carries the model and serves from anywhere; and a bad
+configuration stops startup with a message that says what to fix."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import bentoml
+import httpx
+import pytest
+import yaml
+
+from tests.helpers import BIN, ROOT, start_server
+
+
+@pytest.fixture(scope="module")
+def built_bento(trained_model: str) -> bentoml.Bento:
+    result = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return bentoml.get(tag)
+
+
+def test_bento_carries_the_model_and_no_training_code(built_bento, trained_model) -> None:
+    bento_dir = Path(built_bento.path)
+    lines = (bento_dir / "env/python/requirements.txt").read_text().lower().splitlines()
+    packages = {re.split(r"[=<>~\[ ;]", ln.strip())[0] for ln in lines
+                if ln.strip() and not ln.startswith(("#", "-"))}
+    assert {"bentoml", "onnxruntime-gpu", "pillow"} <= packages
+    leaked = packages & {"torch", "torchvision", "onnxscript", "onnx", "scikit-learn"}
+    assert not leaked, f"training packages in the serving requirements: {leaked}"
+    sources = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*")
+               if p.is_file()}
+    assert {"service.py", "configuration.yaml", "serving/preprocess.py"} <= sources
+    assert not any(s.startswith(("train_export", "tests")) for s in sources), sources
+    packed = {str(m.tag) for m in built_bento.info.all_models}
+    assert trained_model in packed
+
+
+def test_built_bento_serves_from_an_empty_directory(built_bento, examples_dir, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    example = sorted(examples_dir.glob("*.jpg"))[0]
+    with start_server([str(built_bento.tag)], cwd=empty, log_dir=tmp_path) as server:
+        response = httpx.post(f"{server.url}/classify",
+                              files=[("images", (example.name, example.read_bytes()))], timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["label"] == example.name.split("_")[1]
+
+
+def test_invalid_configuration_stops_startup_and_names_the_key(trained_model, tmp_path) -> None:
+    document = yaml.safe_load((ROOT / "configuration.yaml").read_text())
+    document["services"]["ImageClassifier"]["image_classifier"]["model"]["providers"] = ["gpu"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(document))
+    env = {**os.environ, "BENTOML_CONFIG": str(bad)}
+    result = subprocess.run(
+        [str(BIN / "bentoml"), "serve", "service:ImageClassifier", "--host", "127.0.0.1",
+         "--port", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "services.ImageClassifier.image_classifier.model.providers.0" in result.stderr
+    assert "'tensorrt', 'cuda' or 'cpu'" in result.stderr

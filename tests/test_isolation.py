@@ -1,0 +1,52 @@
+"""Serving never needs torch, torchvision or train_export: not imported, and not importable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import python
+
+# Makes `import torch`, `import torchvision` and `import train_export` fail in the child process,
+# as on a serving host that never installed them.
+BLOCK_TRAINING_STACK = (
+    "import sys\n"
+    "for name in ('torch', 'torchvision', 'train_export'):\n"
+    "    sys.modules[name] = None\n"
+)
+
+
+def test_importing_service_loads_no_training_module(trained_model: str) -> None:
+    result = python("-c", "import sys, json, service; print(json.dumps(sorted(sys.modules)))")
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert not {"torch", "torchvision", "train_export"} & loaded, "serving imported training code"
+    assert "onnxruntime" in loaded
+
+
+def test_stored_model_predicts_where_torch_cannot_be_imported(trained_model: str,
+                                                              examples_dir: Path) -> None:
+    example = sorted(examples_dir.glob("*.png"))[0]
+    script = BLOCK_TRAINING_STACK + f"""
+import numpy as np
+from pathlib import Path
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise SystemExit("torch should not be importable here")
+import bentoml
+from serving.contract import ModelCard, ONNX_FILE
+from serving.preprocess import decode_image
+from serving.runtime import OnnxRuntime
+entry = Path(bentoml.models.get({trained_model!r}).path)
+card = ModelCard.read(entry)
+runtime = OnnxRuntime(entry / ONNX_FILE, card.input, card.graph, providers=["cpu"])
+probabilities, _ = runtime.run(decode_image(Path({str(example)!r}), card.input)[np.newaxis])
+print(card.labels[int(probabilities.argmax())])
+"""
+    result = python("-c", script)
+    assert result.returncode == 0, result.stderr
+    true_label = example.name.split("_")[1]
+    assert result.stdout.split()[-1] == true_label

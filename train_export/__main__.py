@@ -1,0 +1,61 @@
+"""`python -m train_export`: train the default digits classifier and save it to the model store."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from .config import TrainConfig
+
+_HELP = {
+    "name": "model name in the BentoML store (each run adds a version; name:latest is the newest)",
+    "architecture": "'small_cnn' or any torchvision.models classifier, e.g. resnet18 "
+    "(built with weights=None; nothing is downloaded)",
+    "input_size": "side of the square model input in pixels",
+    "epochs": "training epochs",
+    "batch_size": "training batch size",
+    "learning_rate": "peak learning rate (AdamW, one-cycle schedule)",
+    "weight_decay": "AdamW weight decay",
+    "seed": "random seed: the same seed gives the same model",
+    "holdout_fraction": "share of the data held out for accuracy and parity",
+    "parity_tolerance": "max |p_eager - p_exported| accepted",
+    "examples_per_format": "sample images written per format (PNG, JPEG)",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m train_export",
+        description="Train a classifier on scikit-learn's embedded 8x8 digits, export ONNX and "
+        "TorchScript, check parity and save everything serving needs to the BentoML model store "
+        "($BENTOML_HOME/models).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in fields(TrainConfig):
+        if field.name in _HELP:
+            flag = "--" + field.name.replace("_", "-")
+            kind = type(getattr(defaults, field.name))
+            parser.add_argument(flag, type=kind, default=getattr(defaults, field.name),
+                                help=_HELP[field.name])
+    parser.add_argument("--output-name", dest="name", help="alias of --name")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="train without random shifts and rotations")
+    parser.add_argument("--examples-dir", type=Path, default=defaults.examples_dir,
+                        help="where sample images go; '' to write none")
+    args = parser.parse_args(argv)
+    values = vars(args)
+    if not values.get("examples_dir") or str(values["examples_dir"]) in ("", "."):
+        values["examples_dir"] = None
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .pipeline import train_and_export  # torch is imported only once the arguments are good
+
+    train_and_export(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
