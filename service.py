@@ -21,7 +21,7 @@ from pydantic import AfterValidator, Field
 from serving import settings as configuration
 from serving.contract import ONNX_FILE, ModelCard
 from serving.postprocess import to_predictions
-from serving.preprocess import decode_image
+from serving.preprocess import decode_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
 from serving.schemas import ModelInfo, Prediction
 
@@ -61,20 +61,7 @@ def _decode_upload(path: Path) -> Pixels:
 
 def _validate_tensor(array: np.ndarray) -> list[Pixels]:
     received_at = time.perf_counter()
-    h, w, c = INPUT.shape
-    expected = (f"(N, {h}, {w}) or " if c == 1 else "") + f"(N, {h}, {w}, {c})"
-    if array.dtype.kind not in "iuf" or array.size == 0:
-        raise ValueError(f"pixels must be a non-empty array of numbers 0-255 of shape {expected}")
-    if array.ndim == 3 and c == 1:
-        array = array[..., np.newaxis]
-    if array.ndim != 4 or array.shape[1:] != (h, w, c):
-        raise ValueError(f"pixels has shape {tuple(array.shape)}; this model expects {expected}")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
-        raise ValueError("pixel values must be finite numbers from 0 to 255")
-    if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
-        raise ValueError("pixel values must be whole numbers from 0 to 255 (uint8)")
-    pixels = array.astype(np.uint8)
-    return [Pixels(image, received_at) for image in pixels]
+    return [Pixels(image, received_at) for image in validate_tensor(array, INPUT)]
 
 
 ImageUpload = Annotated[Path, AfterValidator(_decode_upload)]

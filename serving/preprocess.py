@@ -25,6 +25,10 @@ class InvalidImage(ValueError):
     """The upload is not an image Pillow can decode; the message says what to send instead."""
 
 
+class InvalidTensor(ValueError):
+    """JSON pixels that do not fit the model's input; the message names the expected shape."""
+
+
 def decode_image(source: bytes | Path, spec: InputSpec) -> np.ndarray:
     """Decode one upload and return pixels of shape `spec.shape`, dtype uint8."""
     image = _open(source)
@@ -100,3 +104,20 @@ def _flatten_alpha(image: Image.Image, spec: InputSpec) -> Image.Image:
     rgba = image.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, background + (255,))
     return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def validate_tensor(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """JSON pixels (N, H, W) or (N, H, W, C), whole numbers 0-255 -> uint8 (N, H, W, C)."""
+    h, w, c = spec.shape
+    expected = (f"(N, {h}, {w}) or " if c == 1 else "") + f"(N, {h}, {w}, {c})"
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        raise InvalidTensor(f"pixels must be a non-empty array of numbers 0-255 of shape {expected}")
+    if array.ndim == 3 and c == 1:
+        array = array[..., np.newaxis]
+    if array.ndim != 4 or array.shape[1:] != (h, w, c):
+        raise InvalidTensor(f"pixels has shape {tuple(array.shape)}; this model expects {expected}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise InvalidTensor("pixel values must be finite numbers from 0 to 255")
+    if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
+        raise InvalidTensor("pixel values must be whole numbers from 0 to 255 (uint8)")
+    return array.astype(np.uint8)

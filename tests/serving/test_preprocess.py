@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from serving.contract import InputSpec
-from serving.preprocess import InvalidImage, decode_image
+from serving.preprocess import InvalidImage, InvalidTensor, decode_image, validate_tensor
 
 GREY = InputSpec(height=28, width=28, channels=1, color_mode="L", polarity="light_on_dark",
                  mean=(0.13,), std=(0.28,))
@@ -101,3 +101,36 @@ def test_file_path_input(tmp_path) -> None:
 def test_broken_uploads_raise_a_clear_error(payload: bytes, reason: str) -> None:
     with pytest.raises(InvalidImage, match=reason):
         decode_image(payload, GREY)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((2, 28, 28)), np.zeros((2, 28, 28, 1), dtype=np.int64), np.full((1, 28, 28), 255.0)],
+    ids=["NHW", "NHWC-int", "NHW-float-whole"],
+)
+def test_tensor_of_either_layout_becomes_uint8_nhwc(array: np.ndarray) -> None:
+    pixels = validate_tensor(array, GREY)
+    assert pixels.shape == (len(array), 28, 28, 1) and pixels.dtype == np.uint8
+    assert pixels.max() == array.max()
+
+
+@pytest.mark.parametrize(
+    "array, reason",
+    [
+        (np.zeros((2, 8, 8)), r"expects \(N, 28, 28\) or \(N, 28, 28, 1\)"),
+        (np.zeros((28, 28)), "expects"),
+        (np.zeros((0, 28, 28)), "non-empty"),
+        (np.full((1, 28, 28), -1), "from 0 to 255"),
+        (np.full((1, 28, 28), np.nan), "finite"),
+        (np.full((1, 28, 28), 0.5), "whole numbers"),
+        (np.array(["a"]), "numbers 0-255"),
+    ],
+)
+def test_bad_tensors_name_what_is_expected(array: np.ndarray, reason: str) -> None:
+    with pytest.raises(InvalidTensor, match=reason):
+        validate_tensor(array, GREY)
+
+
+def test_rgb_model_expects_three_channels() -> None:
+    with pytest.raises(InvalidTensor, match=r"expects \(N, 32, 24, 3\)$"):
+        validate_tensor(np.zeros((1, 32, 24)), RGB)
