@@ -10,13 +10,14 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build clean
+.PHONY: help venv model train serve test build bench bench-gpu clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
 	@echo "make test    create $(VENV) if needed and run the whole test suite"
 	@echo "make train   train and export a new version of the default model"
 	@echo "make build   bentoml build (the bento carries the model)"
+	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
 
 venv: $(BIN)/.installed
 
@@ -42,6 +43,20 @@ test: venv
 
 build: model
 	$(BIN)/bentoml build
+
+$(BIN)/.bench-installed: $(BIN)/.installed requirements/bench.txt
+	$(PIP_INSTALL) -r requirements/bench.txt
+	touch $@
+
+# wrk is the load generator: C, a few % of a core, so the server gets the machine.
+bench: $(BIN)/.bench-installed
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU: resnet50 at 224x224, served vs raw GPU throughput.
+bench-gpu: $(BIN)/.bench-installed
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench --gpu --no-levers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,15 +29,21 @@ class InvalidTensor(ValueError):
     """JSON pixels that do not fit the model's input; the message names the expected shape."""
 
 
-def decode_image(source: bytes | Path, spec: InputSpec) -> np.ndarray:
-    """Decode one upload and return pixels of shape `spec.shape`, dtype uint8."""
-    image = _open(source)
+NOT_AN_IMAGE = (
+    "the upload is not an image Pillow recognises; send a PNG, JPEG, GIF, BMP, TIFF or WebP file"
+)
+
+
+def decode_image(source: bytes | Path | Image.Image, spec: InputSpec) -> np.ndarray:
+    """Decode one upload (bytes, a file, or a lazily opened image) and return pixels of shape
+    `spec.shape`, dtype uint8."""
+    image = source if isinstance(source, Image.Image) else _open(source)
     try:
         image.seek(0)  # animated GIF/PNG/WebP: the first frame
         # JPEG only: let libjpeg decode at a reduced scale that is still >= the target size;
         # the resize below does the rest, so this is faster at no cost in quality.
         image.draft(spec.color_mode, (spec.width, spec.height))
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when nothing to rotate
         image = to_color_mode(image, spec)
         image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -59,10 +65,7 @@ def _open(source: bytes | Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(source)
     except UnidentifiedImageError:
-        raise InvalidImage(
-            "the upload is not an image Pillow recognises; send a PNG, JPEG, GIF, BMP, TIFF or "
-            "WebP file"
-        ) from None
+        raise InvalidImage(NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _undecodable(exc) from None
 

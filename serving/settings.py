@@ -50,7 +50,9 @@ class ModelSettings(_Section):
         "ones are skipped, and the CPU is always the last resort.",
     )
     intra_op_threads: int = Field(
-        default=0, ge=0, description="Threads ONNX Runtime uses per batch; 0 = one per core."
+        default=1, ge=0,
+        description="Threads ONNX Runtime uses per worker; 0 = one per core. One thread per "
+        "worker process, and one worker per core, served most on CPU.",
     )
 
 

@@ -13,7 +13,7 @@ _HELP = {
     "architecture": "'small_cnn' or any torchvision.models classifier, e.g. resnet18 "
     "(built with weights=None; nothing is downloaded)",
     "input_size": "side of the square model input in pixels",
-    "epochs": "training epochs",
+    "epochs": "training epochs; 0 exports the untrained (randomly initialized) model",
     "batch_size": "training batch size",
     "learning_rate": "peak learning rate (AdamW, one-cycle schedule)",
     "weight_decay": "AdamW weight decay",

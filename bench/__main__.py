@@ -1,0 +1,172 @@
+"""`python -m bench` (or `make bench`): the runtime ceiling, the decode cost, and three servers on
+the same ONNX graph under the same closed-loop load; writes docs/benchmarks.md, plots, raw JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "bench"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["digits", "mobilenet_v3_small", "resnet18"])
+    parser.add_argument("--servers", nargs="+", default=["bentoml", "fastapi", "litserve"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64, 128])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per load level")
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0)
+    parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the configuration levers on the light model")
+    parser.add_argument("--gpu", action="store_true",
+                        help="GPU run: resnet50 at 224x224, served vs raw GPU throughput")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ["BENTOML_HOME"] = str(WORK / "home")  # a store of its own, before bentoml loads
+    os.environ.pop("BENTOML_CONFIG", None)
+    import bentoml
+
+    from bench import ceiling, load, report, servers
+    from bench.assets import MODELS, ensure_model, write_images
+    from serving.settings import parse_settings, read_config_file, service_config
+
+    if args.gpu:
+        args.models = ["resnet50"]
+    settings = parse_settings(read_config_file())
+    workers = service_config(read_config_file()).get("workers", 1)
+    workers = os.cpu_count() if workers == "cpu_count" else int(workers)
+    providers = list(settings.model.providers)
+    WORK.mkdir(parents=True, exist_ok=True)
+    images = write_images(WORK / "images")
+    results: dict = {"machine": report.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "args": {k: str(v) for k, v in vars(args).items()},
+                     "service": {"workers": workers, "intra_op_threads":
+                                 settings.model.intra_op_threads, "providers": providers,
+                                 "max_batch_size": settings.batching.max_batch_size,
+                                 "max_latency_ms": settings.batching.max_latency_ms},
+                     "images": {k: p.stat().st_size for k, p in images.items()}, "models": {}}
+
+    litserve_config: dict = {}
+    if "litserve" in args.servers:
+        litserve_config, results["litserve_tuning"] = tune_litserve(
+            args.models[0] if args.gpu else "mobilenet_v3_small", images, args.duration)
+
+    for key in args.models:
+        model = MODELS[key]
+        tag = ensure_model(model, WORK / "home", ROOT)
+        model_dir = Path(bentoml.models.get(tag).path)
+        print(f"[{key}] ceiling", flush=True)
+        entry = {
+            "tag": tag, "kind": model.kind,
+            "runtime_service_threads": ceiling.parallel_runtime_throughput(
+                model_dir, providers, workers, settings.model.intra_op_threads,
+                args.ceiling_seconds),
+            "runtime_all_threads": ceiling.runtime_throughput(
+                model_dir, providers, 0, args.ceiling_seconds),
+            "decode_ms": ceiling.decode_cost_ms(model_dir, images, args.ceiling_seconds),
+            "served": {},
+        }
+        for server in args.servers:
+            overrides = litserve_config if server == "litserve" else {}
+            with servers.serve(server, tag, model_dir, WORK, overrides) as running:
+                print(f"[{key}] {server}: ready in {running.ready_s:.2f}s", flush=True)
+                load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)  # warm up
+                levels = []
+                for concurrency in args.concurrency:
+                    result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency,
+                                          args.duration, sample_batches=server == "bentoml")
+                    print(f"[{key}] {server} c={concurrency}: {result.throughput:.1f} req/s "
+                          f"p99 {result.p99_ms:.0f} ms", flush=True)
+                    levels.append(asdict(result))
+                entry["served"][server] = {"ready_s": running.ready_s, "levels": levels}
+        results["models"][key] = entry
+
+    if args.levers and "mobilenet_v3_small" in results["models"]:
+        results["levers"], results["profile"] = measure_levers(
+            results["models"]["mobilenet_v3_small"], images, args.duration)
+    results["analysis"] = report.analysis(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench").mkdir(exist_ok=True)
+    suffix = "-gpu" if args.gpu else ""
+    (args.out / "bench" / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
+    report.write(results, args.out, suffix)
+    print(f"wrote {args.out / f'benchmarks{suffix}.md'}")
+
+
+LITSERVE_GRID = [  # inference workers x ORT threads, batch timeout, API server processes
+    {"workers_per_device": w, "threads": t, "batch_timeout": b, "api_servers": a}
+    for w, t in ((1, 0), (2, 1)) for b in (0.002, 0.01) for a in (1, 2)
+]
+
+
+def tune_litserve(key: str, images: dict, duration: int) -> tuple[dict, dict]:
+    """LitServe's best configuration on the light model at c=64, so the comparison is fair."""
+    import bentoml
+
+    from bench import load, servers
+    from bench.assets import MODELS, ensure_model
+
+    tag = ensure_model(MODELS[key], WORK / "home", ROOT)
+    model_dir = Path(bentoml.models.get(tag).path)
+    tried = {}
+    for config in LITSERVE_GRID:
+        with servers.serve("litserve", tag, model_dir, WORK, config) as running:
+            load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3, sample_batches=False)
+            result = load.run_wrk(running.url, running.pid, images["jpeg"], 64, duration,
+                                  sample_batches=False)
+        name = ", ".join(f"{k}={v}" for k, v in config.items())
+        print(f"[litserve tuning] {name}: {result.throughput:.1f} req/s", flush=True)
+        tried[name] = {"config": config, "throughput": result.throughput, "p99_ms": result.p99_ms}
+    chosen = max(tried.values(), key=lambda r: r["throughput"])["config"]
+    return chosen, tried
+
+
+LEVERS = {
+    "shipped defaults": {},
+    "1 worker, ORT on all cores": {"workers": 1, "image_classifier": {"model": {"intra_op_threads": 0}}},
+    "2 workers x 2 ORT threads": {"workers": 2, "image_classifier": {"model": {"intra_op_threads": 2}}},
+    "access log on": {"logging": {"access": {"enabled": True}}},
+    "max_batch_size 8": {"image_classifier": {"batching": {"max_batch_size": 8}}},
+    "max_latency_ms 100": {"image_classifier": {"batching": {"max_latency_ms": 100}}},
+    "without uvloop and httptools": {"__without_modules__": ["uvloop", "httptools"]},
+}
+
+
+def measure_levers(entry: dict, images: dict, duration: int) -> tuple[dict, dict]:
+    """Each lever alone against the shipped configuration, light model, c=64; and a py-spy
+    profile of one worker under the shipped configuration."""
+    import bentoml
+
+    from bench import load, profile, servers
+
+    model_dir = Path(bentoml.models.get(entry["tag"]).path)
+    measured, shares = {}, {}
+    for name, overrides in LEVERS.items():
+        with servers.serve("bentoml", entry["tag"], model_dir, WORK, overrides) as running:
+            load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)
+            spy = None
+            if not overrides:
+                spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
+            result = load.run_wrk(running.url, running.pid, images["jpeg"], 64, duration)
+            if spy is not None:
+                spy.wait()
+                shares = profile.summarize(WORK / "profile.txt")
+            print(f"[lever] {name}: {result.throughput:.1f} req/s p99 {result.p99_ms:.0f} ms",
+                  flush=True)
+            measured[name] = {"overrides": overrides, **asdict(result)}
+    return measured, shares
+
+
+if __name__ == "__main__":
+    main()

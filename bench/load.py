@@ -1,0 +1,156 @@
+"""Closed-loop load from wrk (C, a few % of a core) and what the server spent meanwhile."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+LUA = Path(__file__).with_name("multipart.lua")
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    seconds: float
+    requests: int
+    ok: int
+    throughput: float          # 200 answers per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    status_429: int
+    status_503: int
+    status_504: int
+    other_errors: int
+    server_cpu_cores: float    # CPU seconds of the server's process tree per wall second
+    server_rss_mb: float       # peak RSS of the server's process tree
+    loadgen_cpu_cores: float   # the same for wrk: what measuring cost
+    batch_sizes: dict[str, float] = field(default_factory=dict)
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for proc in tree(pid):
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for proc in tree(pid):
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def metric_samples(text: str, name: str):
+    """(labels, value) for each sample of `name` in Prometheus text format."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            yield dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)
+
+
+def batch_histogram(url: str) -> dict[str, float]:
+    """BentoML's adaptive batch-size histogram for /classify, summed over workers."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    buckets: dict[str, float] = {"sum": 0.0}
+    name = "bentoml_service_adaptive_batch_size"
+    for labels, value in metric_samples(text, f"{name}_bucket"):
+        if labels.get("method_name") == "classify":
+            buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + value
+    for labels, value in metric_samples(text, f"{name}_sum"):
+        if labels.get("method_name") == "classify":
+            buckets["sum"] += value
+    return buckets if len(buckets) > 1 else {}
+
+
+def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Batches formed during the run: count, mean size, and the share in each bucket."""
+    if not after:
+        return {}
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    count = delta.get("+Inf", 0.0)
+    if count <= 0:
+        return {}
+    summary = {"batches": count, "mean": delta["sum"] / count}
+    previous = 0.0
+    for le in sorted((k for k in delta if k not in ("sum", "+Inf")), key=float):
+        summary[f"<={float(le):g}"] = (delta[le] - previous) / count
+        previous = delta[le]
+    return summary
+
+
+def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
+            timeout_s: int = 30, sample_batches: bool = True) -> LoadResult:
+    threads = 1 if concurrency < 8 else 2
+    command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s",
+               "--timeout", f"{int(timeout_s)}s", "-s", str(LUA), f"{url}/classify", "--",
+               str(image), "images", "image/jpeg"]
+    peak_rss = [rss_mb(pid)]
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop.wait(0.5):
+            peak_rss.append(rss_mb(pid))
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    histogram_before = batch_histogram(url) if sample_batches else {}
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before, wall_before = cpu_seconds(pid), time.perf_counter()
+    sampler.start()
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0 or "WRK_JSON" not in finished.stdout:
+        raise RuntimeError(f"wrk failed: {finished.stderr or finished.stdout}")
+    output = finished.stdout
+    wall = time.perf_counter() - wall_before
+    server_cpu = cpu_seconds(pid) - cpu_before
+    stop.set()
+    sampler.join()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    loadgen_cpu = (children_after.ru_utime - children_before.ru_utime
+                   + children_after.ru_stime - children_before.ru_stime)
+    stats = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
+    duration = stats["duration_us"] / 1e6
+    return LoadResult(
+        concurrency=concurrency,
+        seconds=round(duration, 2),
+        requests=stats["requests"],
+        ok=stats["status_200"],
+        throughput=stats["status_200"] / duration,
+        p50_ms=stats["p50_us"] / 1000,
+        p95_ms=stats["p95_us"] / 1000,
+        p99_ms=stats["p99_us"] / 1000,
+        status_429=stats["status_429"],
+        status_503=stats["status_503"],
+        status_504=stats["status_504"],
+        other_errors=stats["status_other"] + stats["connect_errors"] + stats["read_errors"]
+        + stats["write_errors"] + stats["timeouts"],
+        server_cpu_cores=server_cpu / wall,
+        server_rss_mb=max(peak_rss),
+        loadgen_cpu_cores=loadgen_cpu / wall,
+        batch_sizes=batch_summary(histogram_before, batch_histogram(url)) if sample_batches else {},
+    )

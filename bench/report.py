@@ -1,0 +1,247 @@
+"""docs/benchmarks.md, plots and the machine description, from the raw results."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import psutil
+
+SERVERS = {"bentoml": "this project (BentoML)", "fastapi": "FastAPI, one at a time",
+           "litserve": "LitServe, batching"}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("bentoml", "onnxruntime-gpu", "litserve", "fastapi", "uvicorn", "uvloop",
+                    "httptools", "pillow", "numpy", "torch"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(
+        psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
+        "python": platform.python_version(), "versions": versions}
+
+
+def best(levels: list[dict]) -> dict:
+    return max(levels, key=lambda r: r["throughput"])
+
+
+def at(levels: list[dict], concurrency: int) -> dict | None:
+    return next((r for r in levels if r["concurrency"] == concurrency), None)
+
+
+def targets(results: dict) -> list[tuple[str, str, bool | None]]:
+    rows = []
+    models = results["models"]
+    if "mobilenet_v3_small" in models:
+        light = models["mobilenet_v3_small"]
+        ceiling = max(max(light["runtime_service_threads"].values()),
+                      max(light["runtime_all_threads"].values()))
+        ours = light["served"].get("bentoml")
+        if ours:
+            peak = best(ours["levels"])
+            ratio = peak["throughput"] / ceiling
+            rows.append(("light: served ≥ 60% of the runtime's best batched throughput",
+                         f"{peak['throughput']:.0f} / {ceiling:.0f} img/s = {ratio:.0%}",
+                         ratio >= 0.60))
+            for c in (64, 128):
+                level = at(ours["levels"], c)
+                if level:
+                    share = level["throughput"] / peak["throughput"]
+                    rows.append((f"light: throughput at c={c} ≥ 90% of peak",
+                                 f"{level['throughput']:.0f} / {peak['throughput']:.0f} = "
+                                 f"{share:.0%}", share >= 0.90))
+            level = at(ours["levels"], 64)
+            if level:
+                rows.append(("light: p99 at c=64 ≤ 500 ms", f"{level['p99_ms']:.0f} ms",
+                             level["p99_ms"] <= 500))
+                for peer, factor in (("fastapi", 1.5), ("litserve", 1.2)):
+                    other = light["served"].get(peer)
+                    if other and at(other["levels"], 64):
+                        theirs = at(other["levels"], 64)["throughput"]
+                        rows.append((f"light: ≥ {factor}x {SERVERS[peer]} at c=64",
+                                     f"{level['throughput']:.0f} vs {theirs:.0f} req/s = "
+                                     f"{level['throughput'] / theirs:.2f}x",
+                                     level["throughput"] >= factor * theirs))
+    if "resnet18" in models and "bentoml" in models["resnet18"]["served"]:
+        heavy = models["resnet18"]
+        ceiling = max(max(heavy["runtime_service_threads"].values()),
+                      max(heavy["runtime_all_threads"].values()))
+        peak = best(heavy["served"]["bentoml"]["levels"])
+        ratio = peak["throughput"] / ceiling
+        rows.append(("heavy: served ≥ 90% of the runtime's best batched throughput",
+                     f"{peak['throughput']:.1f} / {ceiling:.1f} img/s = {ratio:.0%}",
+                     ratio >= 0.90))
+    ready = [m["served"]["bentoml"]["ready_s"] for m in models.values()
+             if "bentoml" in m["served"]]
+    if ready:
+        rows.append(("ready (/readyz 200) within 5 s of start",
+                     f"{max(ready):.1f} s (slowest model)", max(ready) <= 5))
+    return rows
+
+
+def analysis(results: dict) -> str:
+    """The CPU budget per answer on the light model: what the runtime and decoding alone cost,
+    hence the most any server on this machine could answer, and what our service spent."""
+    light = results["models"].get("mobilenet_v3_small")
+    if not light or "bentoml" not in light["served"]:
+        return ""
+    cores = results["machine"]["cores"]
+    ceiling = max(max(light["runtime_service_threads"].values()),
+                  max(light["runtime_all_threads"].values()))
+    runtime_ms = cores * 1000 / ceiling            # core-ms per image at the runtime's best
+    decode_ms = light["decode_ms"]["jpeg"]         # core-ms per JPEG upload
+    bound = cores * 1000 / (runtime_ms + decode_ms)
+    level = at(light["served"]["bentoml"]["levels"], 64) or best(
+        light["served"]["bentoml"]["levels"])
+    spent = level["server_cpu_cores"] * 1000 / level["throughput"]
+    overhead = spent - runtime_ms - decode_ms
+    text = (
+        f"On {cores} cores the runtime's best is {ceiling:.0f} images/s, i.e. "
+        f"{runtime_ms:.2f} core-ms per image, and decoding the {results['images']['jpeg'] / 1000:.0f}"
+        f" kB JPEG upload costs {decode_ms:.2f} core-ms more. A server that did nothing else "
+        f"could therefore answer at most {bound:.0f} uploads/s = {bound / ceiling:.0%} of the "
+        f"runtime ceiling, which the ceiling leaves out. At c={level['concurrency']} the service "
+        f"answered {level['throughput']:.0f}/s using {level['server_cpu_cores']:.2f} cores: "
+        f"{spent:.2f} core-ms per answer, of which {max(overhead, 0):.2f} core-ms is serving "
+        f"overhead (HTTP, multipart parsing, validation, batching, JSON, Python)."
+    )
+    if results.get("profile"):
+        top = ", ".join(f"{k} {v:.0%}" for k, v in list(results["profile"].items())[:4])
+        text += f" The worker profile splits its busy time as: {top}."
+    return text
+
+
+def plot(results: dict, out: Path, suffix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for metric, label, filename in (("throughput", "answers/s", "throughput"),
+                                    ("p99_ms", "p99 latency (ms)", "p99")):
+        models = results["models"]
+        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+        for ax, (key, entry) in zip(axes[0], models.items()):
+            for server, served in entry["served"].items():
+                xs = [r["concurrency"] for r in served["levels"]]
+                ax.plot(xs, [r[metric] for r in served["levels"]], marker="o",
+                        label=SERVERS[server])
+            if metric == "throughput":
+                ceiling = max(max(entry["runtime_service_threads"].values()),
+                              max(entry["runtime_all_threads"].values()))
+                ax.axhline(ceiling, color="grey", linestyle="--", label="runtime ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_title(key)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        name = f"{filename}{suffix}.png"
+        fig.savefig(out / "bench" / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write(results: dict, out: Path, suffix: str = "") -> None:
+    plots = plot(results, out, suffix)
+    m = results["machine"]
+    svc = results["service"]
+    lines = [
+        "# Benchmarks" + (" (GPU)" if suffix else ""),
+        "",
+        f"Produced by `make bench` (`python -m bench`) on {results['started']} UTC. Raw numbers: "
+        f"[bench/results{suffix}.json](bench/results{suffix}.json).",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
+        f"Python {m['python']}",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"- Service configuration (configuration.yaml): {svc['workers']} workers x "
+        f"{svc['intra_op_threads']} ONNX Runtime thread(s), providers {svc['providers']}, "
+        f"max_batch_size {svc['max_batch_size']}, max_latency_ms {svc['max_latency_ms']}",
+        "- Models: exported through the project's own path (`python -m train_export`); "
+        "mobilenet_v3_small and resnet18 at 224x224 with **random weights** (`--epochs 0`: speed "
+        "only, their answers mean nothing); the digits model trained as shipped.",
+        f"- Uploads: the same photo-like 640x480 JPEG ({results['images']['jpeg'] / 1000:.1f} kB) "
+        "for every server and model, as multipart/form-data.",
+        f"- Load: `wrk`, closed loop (each connection sends its next request when the last is "
+        f"answered), {results['args']['duration']} s per level after a 3 s warm-up, from the same "
+        "machine; its own CPU use is in the tables (`loadgen CPU`).",
+        "- Peers run the same ONNX graph through the same decode, runtime and postprocess code "
+        "(`bench/peers/`), so only the serving layer differs.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for name, figure, met in targets(results):
+        lines.append(f"| {name} | {figure} | {'yes' if met else '**no**'} |")
+    lines += ["", *(f"![{p}](bench/{p})" for p in plots), ""]
+    for key, entry in results["models"].items():
+        sizes = list(entry["runtime_service_threads"])
+        lines += [
+            f"## {key} ({entry['kind']}; `{entry['tag']}`)",
+            "",
+            "Runtime ceiling, in-process ONNX Runtime, no HTTP (images/s by batch size):",
+            "",
+            "| setting | " + " | ".join(f"b={b}" for b in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+            f"| {svc['workers']} processes x {svc['intra_op_threads']} thread (as served) | "
+            + " | ".join(f"{entry['runtime_service_threads'][b]:.0f}" for b in sizes) + " |",
+            "| 1 process, all cores | "
+            + " | ".join(f"{entry['runtime_all_threads'][b]:.0f}" for b in sizes) + " |",
+            "",
+            "Decode + preprocess alone (one core): " + ", ".join(
+                f"{fmt.upper()} {ms:.2f} ms" for fmt, ms in entry["decode_ms"].items()) + ".",
+            "",
+            "| server | c | answers/s | p50 ms | p95 ms | p99 ms | 429 | 503 | 504 | other errors "
+            "| server CPU (cores) | server RSS MB | loadgen CPU (cores) | mean batch |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for server, served in entry["served"].items():
+            for r in served["levels"]:
+                batch = r["batch_sizes"].get("mean")
+                lines.append(
+                    f"| {SERVERS[server]} | {r['concurrency']} | {r['throughput']:.1f} | "
+                    f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+                    f"{r['status_429']} | {r['status_503']} | {r['status_504']} | "
+                    f"{r['other_errors']} | {r['server_cpu_cores']:.2f} | "
+                    f"{r['server_rss_mb']:.0f} | {r['loadgen_cpu_cores']:.3f} | "
+                    f"{f'{batch:.1f}' if batch else '-'} |")
+        ready = ", ".join(f"{SERVERS[s]} {v['ready_s']:.1f} s" for s, v in entry["served"].items())
+        lines += ["", f"Start to ready: {ready}.", ""]
+    if "litserve_tuning" in results:
+        lines += ["## LitServe tuning (mobilenet_v3_small, c=64; the best is used above)", "",
+                  "| configuration | answers/s | p99 ms |", "|---|---|---|"]
+        lines += [f"| {name} | {r['throughput']:.1f} | {r['p99_ms']:.0f} |"
+                  for name, r in results["litserve_tuning"].items()]
+        lines.append("")
+    if "levers" in results:
+        lines += ["## Levers (mobilenet_v3_small, c=64, one change at a time)", "",
+                  "| configuration | answers/s | p99 ms | server CPU (cores) |", "|---|---|---|---|"]
+        for name, r in results["levers"].items():
+            lines.append(f"| {name} | {r['throughput']:.1f} | {r['p99_ms']:.0f} | "
+                         f"{r['server_cpu_cores']:.2f} |")
+        lines.append("")
+    if "profile" in results:
+        lines += ["## Where a worker's CPU goes (mobilenet_v3_small, c=64, py-spy)", "",
+                  "| stage | share of busy samples |", "|---|---|"]
+        lines += [f"| {stage} | {share:.0%} |" for stage, share in results["profile"].items()]
+        lines.append("")
+    if analysis := results.get("analysis"):
+        lines += ["## Analysis", "", analysis, ""]
+    (out / f"benchmarks{suffix}.md").write_text("\n".join(lines))

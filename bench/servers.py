@@ -1,0 +1,130 @@
+"""Start the three servers under test on 127.0.0.1, each on the same ONNX graph from the store."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Running:
+    name: str
+    url: str
+    pid: int
+    ready_s: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def bentoml_config(tag: str, overrides: dict, directory: Path) -> Path:
+    """configuration.yaml with the model tag and any lever under test, as an operator would."""
+    document = yaml.safe_load((ROOT / "configuration.yaml").read_text())
+    service = document["services"]["ImageClassifier"]
+    service["image_classifier"]["model"]["tag"] = tag
+    document["services"]["ImageClassifier"] = deep_merge(service, overrides)
+    path = directory / f"bench-{tag.replace(':', '-')}-{abs(hash(repr(overrides)))}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def without_modules(names: list[str], workdir: Path) -> dict:
+    """Environment in which importing `names` fails (uvicorn then falls back to asyncio/h11)."""
+    shim = workdir / ("without-" + "-".join(names))
+    shim.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (shim / f"{name}.py").write_text("raise ImportError('left out for the benchmark')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(shim), str(ROOT)])}
+
+
+def command_for(server: str, tag: str, model_dir: Path, port: int, workdir: Path,
+                overrides: dict) -> tuple[list[str], dict, str]:
+    env = os.environ.copy()
+    if blocked := overrides.pop("__without_modules__", None):
+        env.update(without_modules(blocked, workdir))
+    if server == "bentoml":
+        env["BENTOML_CONFIG"] = str(bentoml_config(tag, overrides, workdir))
+        return ([str(BIN / "bentoml"), "serve", "service:ImageClassifier", "--host", "127.0.0.1",
+                 "--port", str(port)], env, "/readyz")
+    module = {"fastapi": "bench.peers.fastapi_app", "litserve": "bench.peers.litserve_app"}[server]
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    return ([sys.executable, "-m", module, "--model-dir", str(model_dir), "--port", str(port),
+             *extra], env, "/health")
+
+
+@contextlib.contextmanager
+def serve(server: str, tag: str, model_dir: Path, workdir: Path, overrides: dict | None = None,
+          timeout_s: float = 120) -> Iterator[Running]:
+    """Start `server`, wait until it answers its readiness path, stop it by its PID after."""
+    port = free_port()
+    command, env, ready_path = command_for(server, tag, model_dir, port, workdir,
+                                           copy.deepcopy(overrides or {}))
+    log = open(workdir / f"{server}-{port}.log", "w")
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{server} exited; see {log.name}")
+            if time.perf_counter() - started > timeout_s:
+                raise RuntimeError(f"{server} not ready in {timeout_s}s; see {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                    break
+            time.sleep(0.05)
+        yield Running(server, url, process.pid, time.perf_counter() - started)
+    finally:
+        stop_tree(process)
+        log.close()
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """Stop the server we started and every process it started. LitServe's parent exits on
+    SIGTERM but leaves its spawned workers behind, busy-polling their queues; left running, they
+    would eat CPU in every later measurement."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for child in alive:
+        child.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for child in alive:
+        child.kill()
