@@ -56,7 +56,7 @@ bench: $(BIN)/.bench-installed
 # On a machine with an NVIDIA GPU: resnet50 at 224x224, served vs raw GPU throughput.
 bench-gpu: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(BIN)/python -m bench --gpu --no-levers $(BENCH_ARGS)
+	$(BIN)/python -m bench --gpu --no-levers --config configuration.gpu.yaml $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -27,6 +27,8 @@ def parse_args() -> argparse.Namespace:
                         help="also measure the configuration levers on the light model")
     parser.add_argument("--gpu", action="store_true",
                         help="GPU run: resnet50 at 224x224, served vs raw GPU throughput")
+    parser.add_argument("--config", type=Path, default=ROOT / "configuration.yaml",
+                        help="the service configuration to benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     return parser.parse_args()
 
@@ -34,7 +36,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     os.environ["BENTOML_HOME"] = str(WORK / "home")  # a store of its own, before bentoml loads
-    os.environ.pop("BENTOML_CONFIG", None)
+    os.environ["BENTOML_CONFIG"] = str(args.config.resolve())  # what the service and peers read
     import bentoml
 
     from bench import ceiling, load, report, servers
@@ -43,8 +45,8 @@ def main() -> None:
 
     if args.gpu:
         args.models = ["resnet50"]
-    settings = parse_settings(read_config_file())
-    workers = service_config(read_config_file()).get("workers", 1)
+    settings = parse_settings(read_config_file(args.config))
+    workers = service_config(read_config_file(args.config)).get("workers", 1)
     workers = os.cpu_count() if workers == "cpu_count" else int(workers)
     providers = list(settings.model.providers)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -92,9 +94,9 @@ def main() -> None:
                 entry["served"][server] = {"ready_s": running.ready_s, "levels": levels}
         results["models"][key] = entry
 
-    if args.levers and "mobilenet_v3_small" in results["models"]:
-        results["levers"], results["profile"] = measure_levers(
-            results["models"]["mobilenet_v3_small"], images, args.duration)
+    if args.levers:
+        results["levers"], results["profile"] = measure_levers(results["models"], images,
+                                                               args.duration)
     results["analysis"] = report.analysis(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench").mkdir(exist_ok=True)
@@ -132,39 +134,51 @@ def tune_litserve(key: str, images: dict, duration: int) -> tuple[dict, dict]:
     return chosen, tried
 
 
-LEVERS = {
-    "shipped defaults": {},
-    "1 worker, ORT on all cores": {"workers": 1, "image_classifier": {"model": {"intra_op_threads": 0}}},
-    "2 workers x 2 ORT threads": {"workers": 2, "image_classifier": {"model": {"intra_op_threads": 2}}},
-    "access log on": {"logging": {"access": {"enabled": True}}},
-    "max_batch_size 8": {"image_classifier": {"batching": {"max_batch_size": 8}}},
-    "max_latency_ms 100": {"image_classifier": {"batching": {"max_latency_ms": 100}}},
-    "without uvloop and httptools": {"__without_modules__": ["uvloop", "httptools"]},
-}
+# (name, model, concurrency, change against configuration.yaml): one change at a time
+LEVERS = [
+    ("shipped defaults", "mobilenet_v3_small", 64, {}),
+    ("1 worker, ORT on all cores", "mobilenet_v3_small", 64,
+     {"workers": 1, "image_classifier": {"model": {"intra_op_threads": 0}}}),
+    ("2 workers x 2 ORT threads", "mobilenet_v3_small", 64,
+     {"workers": 2, "image_classifier": {"model": {"intra_op_threads": 2}}}),
+    ("access log on", "mobilenet_v3_small", 64, {"logging": {"access": {"enabled": True}}}),
+    ("without uvloop and httptools", "mobilenet_v3_small", 64,
+     {"__without_modules__": ["uvloop", "httptools"]}),
+    ("max_batch_size 8", "mobilenet_v3_small", 64,
+     {"image_classifier": {"batching": {"max_batch_size": 8}}}),
+    ("shipped defaults", "resnet18", 128, {}),
+    ("max_latency_ms 1000", "resnet18", 128,
+     {"image_classifier": {"batching": {"max_latency_ms": 1000}}}),
+    ("1 worker, ORT on all cores", "resnet18", 128,
+     {"workers": 1, "image_classifier": {"model": {"intra_op_threads": 0}}}),
+]
 
 
-def measure_levers(entry: dict, images: dict, duration: int) -> tuple[dict, dict]:
-    """Each lever alone against the shipped configuration, light model, c=64; and a py-spy
-    profile of one worker under the shipped configuration."""
+def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dict]:
+    """Each lever alone against the shipped configuration; and a py-spy profile of one worker
+    under the shipped configuration on the light model."""
     import bentoml
 
     from bench import load, profile, servers
 
-    model_dir = Path(bentoml.models.get(entry["tag"]).path)
-    measured, shares = {}, {}
-    for name, overrides in LEVERS.items():
-        with servers.serve("bentoml", entry["tag"], model_dir, WORK, overrides) as running:
+    measured, shares = [], {}
+    for name, key, concurrency, overrides in LEVERS:
+        if key not in models:
+            continue
+        tag = models[key]["tag"]
+        model_dir = Path(bentoml.models.get(tag).path)
+        with servers.serve("bentoml", tag, model_dir, WORK, overrides) as running:
             load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)
             spy = None
-            if not overrides:
+            if not overrides and key == "mobilenet_v3_small":
                 spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
-            result = load.run_wrk(running.url, running.pid, images["jpeg"], 64, duration)
+            result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency, duration)
             if spy is not None:
                 spy.wait()
                 shares = profile.summarize(WORK / "profile.txt")
-            print(f"[lever] {name}: {result.throughput:.1f} req/s p99 {result.p99_ms:.0f} ms",
-                  flush=True)
-            measured[name] = {"overrides": overrides, **asdict(result)}
+        print(f"[lever] {key} c={concurrency} {name}: {result.throughput:.1f} req/s "
+              f"p99 {result.p99_ms:.0f} ms", flush=True)
+        measured.append({"name": name, "model": key, "overrides": overrides, **asdict(result)})
     return measured, shares
 
 

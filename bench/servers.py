@@ -46,7 +46,8 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 def bentoml_config(tag: str, overrides: dict, directory: Path) -> Path:
     """configuration.yaml with the model tag and any lever under test, as an operator would."""
-    document = yaml.safe_load((ROOT / "configuration.yaml").read_text())
+    base = Path(os.environ.get("BENTOML_CONFIG") or ROOT / "configuration.yaml")
+    document = yaml.safe_load(base.read_text())
     service = document["services"]["ImageClassifier"]
     service["image_classifier"]["model"]["tag"] = tag
     document["services"]["ImageClassifier"] = deep_merge(service, overrides)
