@@ -61,8 +61,11 @@ def _decode_upload(upload: Any, open_upload: ValidatorFunctionWrapHandler) -> Pi
     received_at = time.perf_counter()
     try:
         image = open_upload(upload)  # BentoML's PIL.Image.open on the spooled upload (lazy)
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"the image is too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        # UnidentifiedImageError is an OSError, which pydantic would not turn into a 400.
+        # Pydantic turns only ValueError into a 400; Pillow raises OSError
+        # (UnidentifiedImageError) and DecompressionBombError, which would surface as a 500.
         raise InvalidImage(f"{NOT_AN_IMAGE} ({exc})") from None
     return Pixels(decode_image(image, INPUT), received_at)
 
@@ -115,6 +118,7 @@ class ImageClassifier:
         logger.info("Serving %s on %s", self.tag, self.runtime.active_provider)
 
     def __is_ready__(self) -> bool:
+        # __init__ has loaded the graph and run a warm-up batch by the time this is asked.
         return self.runtime is not None
 
     @bentoml.api(route="/classify", **BATCHING)

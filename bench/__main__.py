@@ -146,9 +146,11 @@ LEVERS = [
      {"__without_modules__": ["uvloop", "httptools"]}),
     ("max_batch_size 8", "mobilenet_v3_small", 64,
      {"image_classifier": {"batching": {"max_batch_size": 8}}}),
+    ("max_latency_ms 5000", "mobilenet_v3_small", 64,
+     {"image_classifier": {"batching": {"max_latency_ms": 5000}}}),
     ("shipped defaults", "resnet18", 128, {}),
-    ("max_latency_ms 1000", "resnet18", 128,
-     {"image_classifier": {"batching": {"max_latency_ms": 1000}}}),
+    ("max_latency_ms 5000", "resnet18", 128,
+     {"image_classifier": {"batching": {"max_latency_ms": 5000}}}),
     ("1 worker, ORT on all cores", "resnet18", 128,
      {"workers": 1, "image_classifier": {"model": {"intra_op_threads": 0}}}),
 ]

@@ -132,6 +132,16 @@ def analysis(results: dict) -> str:
             f"answer, {max(spent - runtime_ms - decode_ms, 0):.2f} more than runtime plus decoding "
             f"(HTTP, multipart, validation, batching, JSON, Python, and the runtime running slower "
             f"beside a busy event loop than alone).")
+    repeat = next((r for r in results.get("levers", []) if r["name"] == "shipped defaults"
+                   and r["model"] == "mobilenet_v3_small"), None)
+    light = results["models"].get("mobilenet_v3_small", {}).get("served", {}).get("bentoml")
+    if repeat and light and at(light["levels"], repeat["concurrency"]):
+        first = at(light["levels"], repeat["concurrency"])["throughput"]
+        paragraphs.append(
+            f"Noise: the shipped configuration on the light model at c={repeat['concurrency']} "
+            f"was measured twice in this run (main table, levers table): {first:.0f} and "
+            f"{repeat['throughput']:.0f} answers/s, {abs(first - repeat['throughput']) / first:.0%}"
+            f" apart. This is a shared 2-core VM; read differences smaller than that as noise.")
     if results.get("profile"):
         top = ", ".join(f"{k} {v:.0%}" for k, v in results["profile"].items())
         paragraphs.append(f"Profile of one worker on the light model at c=64 (py-spy, busy "

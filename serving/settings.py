@@ -59,7 +59,7 @@ class ModelSettings(_Section):
 class BatchingSettings(_Section):
     # BentoML requires max_batch_size > 1 for a batchable API.
     max_batch_size: int = Field(default=64, gt=1, le=4096)
-    max_latency_ms: int = Field(default=5000, gt=0)
+    max_latency_ms: int = Field(default=1000, gt=0)
 
 
 class ResponseSettings(_Section):

@@ -135,3 +135,16 @@ def test_concurrent_requests_form_adaptive_batches(server, digits) -> None:
     at_most_one = sum(v for k, v in classify.items() if 'le="1.0"' in k)
     total = sum(v for k, v in classify.items() if 'le="+Inf"' in k)
     assert total > at_most_one, f"no batch larger than 1 formed: {classify}"
+
+
+def test_a_decompression_bomb_is_refused_with_a_4xx(server, tmp_path) -> None:
+    """A 20000x20000 PNG (400 Mpx, a few hundred kB) exceeds Pillow's pixel limit: 400, no 5xx."""
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 1-bit: 50 MB in memory, tiny on disk
+    response = httpx.post(f"{server.url}/classify",
+                          files=[("images", ("bomb.png", bomb.read_bytes(), "image/png"))],
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    assert "too large" in response.text

@@ -76,3 +76,23 @@ def test_cli_help_names_every_default() -> None:
 def test_unknown_architecture_is_refused_with_the_choices(architecture: str) -> None:
     result = python("-m", "train_export", "--architecture", architecture)
     assert result.returncode != 0 and "resnet18" in result.stderr
+
+
+def test_a_torchvision_architecture_exports_and_serves(trained_model: str) -> None:
+    """Any torchvision classifier goes through the same export: RGB input, features, parity."""
+    import numpy as np
+
+    from serving.runtime import OnnxRuntime
+
+    result = python("-m", "train_export", "--architecture", "mobilenet_v3_small",
+                    "--input-size", "32", "--epochs", "0", "--name", "tv-mobilenet",
+                    "--examples-dir", "", timeout=300)
+    assert result.returncode == 0, result.stderr
+    entry = Path(bentoml.models.get("tv-mobilenet:latest").path)
+    card = ModelCard.read(entry)
+    assert card.architecture == "mobilenet_v3_small"
+    assert card.input.shape == (32, 32, 3) and card.input.color_mode == "RGB"
+    assert card.parity.onnxruntime_max_abs_diff <= 1e-4
+    runtime = OnnxRuntime(entry / ONNX_FILE, card.input, card.graph, providers=["cpu"])
+    probabilities, features = runtime.run(np.zeros((3, 32, 32, 3), dtype=np.uint8))
+    assert probabilities.shape == (3, 10) and features.shape == (3, card.graph.feature_dim)
