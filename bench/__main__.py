@@ -30,11 +30,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=ROOT / "configuration.yaml",
                         help="the service configuration to benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report and plots from the saved results.json")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.report_only:
+        from bench import report
+
+        suffix = "-gpu" if args.gpu else ""
+        saved = json.loads((args.out / "bench" / f"results{suffix}.json").read_text())
+        report.write(saved, args.out, suffix)
+        return
     os.environ["BENTOML_HOME"] = str(WORK / "home")  # a store of its own, before bentoml loads
     os.environ["BENTOML_CONFIG"] = str(args.config.resolve())  # what the service and peers read
     import bentoml

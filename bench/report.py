@@ -170,6 +170,8 @@ def plot(results: dict, out: Path, suffix: str) -> list[str]:
                               max(entry["runtime_all_threads"].values()))
                 ax.axhline(ceiling, color="grey", linestyle="--", label="runtime ceiling")
             ax.set_xscale("log", base=2)
+            if metric == "p99_ms":
+                ax.set_yscale("log")  # one-at-a-time tails reach seconds; batching stays in ms
             ax.set_title(key)
             ax.set_xlabel("concurrent clients")
             ax.set_ylabel(label)
