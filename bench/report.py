@@ -139,7 +139,7 @@ def analysis(results: dict) -> str:
         first = at(light["levels"], repeat["concurrency"])["throughput"]
         paragraphs.append(
             f"Noise: the shipped configuration on the light model at c={repeat['concurrency']} "
-            f"was measured twice in this run (main table, levers table): {first:.0f} and "
+            f"was measured twice (main table, levers table): {first:.0f} and "
             f"{repeat['throughput']:.0f} answers/s, {abs(first - repeat['throughput']) / first:.0%}"
             f" apart. This is a shared 2-core VM; read differences smaller than that as noise.")
     if results.get("profile"):
@@ -261,7 +261,10 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
                   for name, r in results["litserve_tuning"].items()]
         lines.append("")
     if results.get("levers"):
+        when = (f" Measured {results['levers_measured']} UTC, apart from the tables above."
+                if results.get("levers_measured") else "")
         lines += ["## Levers (one change at a time against configuration.yaml)", "",
+                  "Each row is its own server start, warm-up and run." + when, "",
                   "| model | c | configuration | answers/s | p99 ms | 503 | server CPU (cores) |",
                   "|---|---|---|---|---|---|---|"]
         for r in results["levers"]:
