@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,27 +39,33 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     os.environ["BENTOML_HOME"] = str(WORK / "home")  # a store of its own, before bentoml loads
-    if args.report_only or args.levers_only:
-        from bench import report
-        from bench.assets import write_images
-
-        suffix = "-gpu" if args.gpu else ""
-        path = args.out / "bench" / f"results{suffix}.json"
-        saved = json.loads(path.read_text())
-        if args.levers_only:
-            os.environ["BENTOML_CONFIG"] = str(args.config.resolve())
-            saved["levers"], saved["profile"] = measure_levers(
-                saved["models"], write_images(WORK / "images"), args.duration)
-            saved["levers_measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            saved["analysis"] = report.analysis(saved)
-            path.write_text(json.dumps(saved, indent=1))
-        report.write(saved, args.out, suffix)
-        return
     os.environ["BENTOML_CONFIG"] = str(args.config.resolve())  # what the service and peers read
-    import bentoml
+    if args.report_only or args.levers_only:
+        rewrite_saved(args)
+    else:
+        run(args)
 
-    from bench import ceiling, load, report, servers
-    from bench.assets import MODELS, ensure_model, write_images
+
+def rewrite_saved(args: argparse.Namespace) -> None:
+    """Rebuild the report from results.json, after measuring the levers again if asked."""
+    from bench import report
+    from bench.assets import write_images
+
+    suffix = "-gpu" if args.gpu else ""
+    path = args.out / "bench" / f"results{suffix}.json"
+    saved = json.loads(path.read_text())
+    if args.levers_only:
+        saved["levers"], saved["profile"] = measure_levers(
+            saved["models"], write_images(WORK / "images"), args.duration)
+        saved["levers_measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        saved["analysis"] = report.analysis(saved)
+        path.write_text(json.dumps(saved, indent=1))
+    report.write(saved, args.out, suffix)
+
+
+def run(args: argparse.Namespace) -> None:
+    from bench import report
+    from bench.assets import write_images
     from serving.settings import parse_settings, read_config_file, service_config
 
     if args.gpu:
@@ -85,34 +90,8 @@ def main() -> None:
             args.models[0] if args.gpu else "mobilenet_v3_small", images, args.duration)
 
     for key in args.models:
-        model = MODELS[key]
-        tag = ensure_model(model, WORK / "home", ROOT)
-        model_dir = Path(bentoml.models.get(tag).path)
-        print(f"[{key}] ceiling", flush=True)
-        entry = {
-            "tag": tag, "kind": model.kind,
-            "runtime_service_threads": ceiling.parallel_runtime_throughput(
-                model_dir, providers, workers, settings.model.intra_op_threads,
-                args.ceiling_seconds),
-            "runtime_all_threads": ceiling.runtime_throughput(
-                model_dir, providers, 0, args.ceiling_seconds),
-            "decode_ms": ceiling.decode_cost_ms(model_dir, images, args.ceiling_seconds),
-            "served": {},
-        }
-        for server in args.servers:
-            overrides = litserve_config if server == "litserve" else {}
-            with servers.serve(server, tag, model_dir, WORK, overrides) as running:
-                print(f"[{key}] {server}: ready in {running.ready_s:.2f}s", flush=True)
-                load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)  # warm up
-                levels = []
-                for concurrency in args.concurrency:
-                    result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency,
-                                          args.duration, sample_batches=server == "bentoml")
-                    print(f"[{key}] {server} c={concurrency}: {result.throughput:.1f} req/s "
-                          f"p99 {result.p99_ms:.0f} ms", flush=True)
-                    levels.append(asdict(result))
-                entry["served"][server] = {"ready_s": running.ready_s, "levels": levels}
-        results["models"][key] = entry
+        results["models"][key] = measure_model(key, args, settings, workers, images,
+                                               litserve_config)
 
     if args.levers:
         results["levers"], results["profile"] = measure_levers(results["models"], images,
@@ -124,6 +103,45 @@ def main() -> None:
     (args.out / "bench" / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
     report.write(results, args.out, suffix)
     print(f"wrote {args.out / f'benchmarks{suffix}.md'}")
+
+
+def measure_model(key: str, args: argparse.Namespace, settings, workers: int, images: dict,
+                  litserve_config: dict) -> dict:
+    """The ceiling, the decode cost, and each server under load, for one model."""
+    import bentoml
+
+    from bench import ceiling, load, servers
+    from bench.assets import MODELS, ensure_model
+
+    model = MODELS[key]
+    providers = list(settings.model.providers)
+    tag = ensure_model(model, WORK / "home", ROOT)
+    model_dir = Path(bentoml.models.get(tag).path)
+    print(f"[{key}] ceiling", flush=True)
+    entry = {
+        "tag": tag, "kind": model.kind,
+        "runtime_service_threads": ceiling.parallel_runtime_throughput(
+            model_dir, providers, workers, settings.model.intra_op_threads,
+            args.ceiling_seconds),
+        "runtime_all_threads": ceiling.runtime_throughput(
+            model_dir, providers, 0, args.ceiling_seconds),
+        "decode_ms": ceiling.decode_cost_ms(model_dir, images, args.ceiling_seconds),
+        "served": {},
+    }
+    for server in args.servers:
+        overrides = litserve_config if server == "litserve" else {}
+        with servers.serve(server, tag, model_dir, WORK, overrides) as running:
+            print(f"[{key}] {server}: ready in {running.ready_s:.2f}s", flush=True)
+            load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)  # warm up
+            levels = []
+            for concurrency in args.concurrency:
+                result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency,
+                                      args.duration, sample_batches=server == "bentoml")
+                print(f"[{key}] {server} c={concurrency}: {result.throughput:.1f} req/s "
+                      f"p99 {result.p99_ms:.0f} ms", flush=True)
+                levels.append(asdict(result))
+            entry["served"][server] = {"ready_s": running.ready_s, "levels": levels}
+    return entry
 
 
 LITSERVE_GRID = [  # inference workers x ORT threads, batch timeout, API server processes

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +24,10 @@ from train_export.data import Split, load_digits_split  # noqa: E402
 MODEL_NAME = "digits-classifier"
 
 
-@pytest.fixture(scope="session")
-def bentoml_home() -> Path:
-    return _SESSION_HOME
+@pytest.fixture(scope="session", autouse=True)
+def bentoml_home() -> Iterator[Path]:
+    yield _SESSION_HOME
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
