@@ -41,7 +41,9 @@ def read_model_card() -> ModelCard:
             "it with `make train` (or `python -m train_export`), or set image_classifier.model.tag "
             "in configuration.yaml to a tag that `bentoml models list` shows."
         )
-    return ModelCard.read(Path(stored.path))
+    card = ModelCard.read(Path(stored.path))
+    card.verify(Path(stored.path), str(stored.tag))  # a damaged entry stops startup here
+    return card
 
 
 CARD = read_model_card()

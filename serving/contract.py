@@ -20,6 +20,10 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 CARD_FORMAT_VERSION = 1
 
 
+class DamagedModel(RuntimeError):
+    """A store entry whose files are missing or differ from what its card recorded."""
+
+
 class InputSpec(BaseModel):
     """What the graph's `pixels` input expects. Normalization is baked into the graph."""
 
@@ -85,6 +89,24 @@ class ModelCard(BaseModel):
         path = Path(directory) / CARD_FILE
         path.write_text(self.model_dump_json(indent=2))
         return path
+
+    def verify(self, directory: Path, tag: str) -> None:
+        """Every file the card lists is present, and the graph serving loads matches its hash.
+
+        Only the ONNX files are hashed: they are what serving reads, and hashing the TorchScript
+        copy too would only slow every worker's start.
+        """
+        directory = Path(directory)
+        fix = (f"Re-export the model (`python -m train_export`, or `bentoml models delete {tag}` "
+               "and export it again), or point image_classifier.model.tag at a healthy version.")
+        for name, expected in self.files.items():
+            path = directory / name
+            if not path.is_file():
+                raise DamagedModel(f"model {tag}: {path} is missing. {fix}")
+            if name.startswith(ONNX_FILE) and sha256_of(path) != expected:
+                raise DamagedModel(
+                    f"model {tag}: {path} does not match the SHA-256 in its card "
+                    f"(expected {expected[:16]}...): the store entry is damaged. {fix}")
 
     @classmethod
     def read(cls, directory: Path) -> ModelCard:

@@ -64,3 +64,22 @@ def test_invalid_configuration_stops_startup_and_names_the_key(trained_model, tm
     assert result.returncode != 0
     assert "services.ImageClassifier.image_classifier.model.providers.0" in result.stderr
     assert "'tensorrt', 'cuda' or 'cpu'" in result.stderr
+
+
+def test_a_damaged_store_entry_stops_startup_and_names_the_file(trained_model, bentoml_home,
+                                                                tmp_path) -> None:
+    """A copy of the store whose graph lost bytes: `bentoml serve` refuses to start."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(bentoml_home / "models", home / "models")
+    name, version = trained_model.split(":")
+    graph = home / "models" / name / version / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-100])
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    result = subprocess.run(
+        [str(BIN / "bentoml"), "serve", "service:ImageClassifier", "--host", "127.0.0.1",
+         "--port", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"{graph} does not match the SHA-256" in result.stderr
+    assert "Re-export the model" in result.stderr
