@@ -69,7 +69,7 @@ def _decode_upload(upload: Any, open_upload: ValidatorFunctionWrapHandler) -> Pi
         # Pydantic turns only ValueError into a 400; Pillow raises OSError
         # (UnidentifiedImageError) and DecompressionBombError, which would surface as a 500.
         raise InvalidImage(f"{NOT_AN_IMAGE} ({exc})") from None
-    return Pixels(decode_image(image, INPUT), received_at)
+    return Pixels(decode_image(image, INPUT, SETTINGS.limits.max_image_pixels), received_at)
 
 
 def _validate_tensor(array: np.ndarray) -> list[Pixels]:

@@ -34,10 +34,18 @@ NOT_AN_IMAGE = (
 )
 
 
-def decode_image(source: bytes | Path | Image.Image, spec: InputSpec) -> np.ndarray:
+def decode_image(
+    source: bytes | Path | Image.Image, spec: InputSpec, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode one upload (bytes, a file, or a lazily opened image) and return pixels of shape
-    `spec.shape`, dtype uint8."""
+    `spec.shape`, dtype uint8. Images over `max_pixels` are refused from their header alone."""
     image = source if isinstance(source, Image.Image) else _open(source)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise InvalidImage(
+            f"the image is {image.width}x{image.height} = {image.width * image.height} pixels, "
+            f"over the limit of {max_pixels}: send a smaller image "
+            "(services.ImageClassifier.image_classifier.limits.max_image_pixels)"
+        )
     try:
         image.seek(0)  # animated GIF/PNG/WebP: the first frame
         # JPEG only: let libjpeg decode at a reduced scale that is still >= the target size;

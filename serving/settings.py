@@ -62,6 +62,12 @@ class BatchingSettings(_Section):
     max_latency_ms: int = Field(default=1000, gt=0)
 
 
+class LimitsSettings(_Section):
+    # Checked from the image header, before decoding: decoding runs in a worker's event loop, and
+    # Pillow only warns (does not refuse) below 179 Mpx. 40 Mpx covers any phone camera.
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+
+
 class ResponseSettings(_Section):
     top_k: int = Field(default=3, ge=1, description="Classes listed per image in `top_k`.")
 
@@ -69,6 +75,7 @@ class ResponseSettings(_Section):
 class Settings(_Section):
     model: ModelSettings = ModelSettings()
     batching: BatchingSettings = BatchingSettings()
+    limits: LimitsSettings = LimitsSettings()
     response: ResponseSettings = ResponseSettings()
 
 

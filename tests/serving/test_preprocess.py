@@ -134,3 +134,10 @@ def test_bad_tensors_name_what_is_expected(array: np.ndarray, reason: str) -> No
 def test_rgb_model_expects_three_channels() -> None:
     with pytest.raises(InvalidTensor, match=r"expects \(N, 32, 24, 3\)$"):
         validate_tensor(np.zeros((1, 32, 24)), RGB)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding() -> None:
+    data = encode(Image.new("L", (300, 200)), "PNG")
+    assert decode_image(data, GREY, max_pixels=60_000).shape == (28, 28, 1)
+    with pytest.raises(InvalidImage, match="300x200 = 60000 pixels, over the limit of 59999"):
+        decode_image(data, GREY, max_pixels=59_999)
