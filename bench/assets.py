@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -62,12 +61,6 @@ def write_images(directory: Path) -> dict[str, Path]:
     image.save(paths["jpeg"], quality=85)
     image.save(paths["png"])
     return paths
-
-
-def encoded(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def ensure_model(model: BenchModel, home: Path, root: Path) -> str:

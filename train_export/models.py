@@ -34,10 +34,6 @@ class SmallCNN(nn.Module):
         return self.fc(self.dropout(self.body(x)))
 
 
-def classification_architectures() -> list[str]:
-    return [DEFAULT_ARCHITECTURE, *torchvision.models.list_models(module=torchvision.models)]
-
-
 def build_model(architecture: str, num_classes: int, in_channels: int) -> nn.Module:
     if architecture == DEFAULT_ARCHITECTURE:
         return SmallCNN(num_classes, in_channels)
