@@ -58,8 +58,8 @@ def rewrite_saved(args: argparse.Namespace) -> None:
         saved["levers"], saved["profile"] = measure_levers(
             saved["models"], write_images(WORK / "images"), args.duration)
         saved["levers_measured"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        saved["analysis"] = report.analysis(saved)
-        path.write_text(json.dumps(saved, indent=1))
+    saved["analysis"] = report.analysis(saved)
+    path.write_text(json.dumps(saved, indent=1))
     report.write(saved, args.out, suffix)
 
 
