@@ -23,7 +23,7 @@ from pydantic import AfterValidator, Field, ValidatorFunctionWrapHandler, WrapVa
 from serving import settings as configuration
 from serving.contract import ONNX_FILE, ModelCard
 from serving.postprocess import to_predictions
-from serving.preprocess import NOT_AN_IMAGE, InvalidImage, decode_image, validate_tensor
+from serving.preprocess import decode_image, pillow_errors_as_invalid_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
 from serving.schemas import ModelInfo, Prediction
 
@@ -61,14 +61,8 @@ class Pixels:
 def _decode_upload(upload: Any, open_upload: ValidatorFunctionWrapHandler) -> Pixels:
     """Runs while BentoML parses the request: a bad image fails only its own request (400)."""
     received_at = time.perf_counter()
-    try:
+    with pillow_errors_as_invalid_image():
         image = open_upload(upload)  # BentoML's PIL.Image.open on the spooled upload (lazy)
-    except Image.DecompressionBombError as exc:
-        raise InvalidImage(f"the image is too large to decode safely: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Pydantic turns only ValueError into a 400; Pillow raises OSError
-        # (UnidentifiedImageError) and DecompressionBombError, which would surface as a 500.
-        raise InvalidImage(f"{NOT_AN_IMAGE} ({exc})") from None
     return Pixels(decode_image(image, INPUT, SETTINGS.limits.max_image_pixels), received_at)
 
 

@@ -172,7 +172,7 @@ def tune_litserve(key: str, images: dict, duration: int) -> tuple[dict, dict]:
     return chosen, tried
 
 
-# (name, model, concurrency, change against configuration.yaml): one change at a time
+# (name, model, concurrency, change to configuration.yaml[, modules left out]): one at a time
 LEVERS = [
     ("shipped defaults", "mobilenet_v3_small", 64, {}),
     ("1 worker, ORT on all cores", "mobilenet_v3_small", 64,
@@ -180,8 +180,7 @@ LEVERS = [
     ("2 workers x 2 ORT threads", "mobilenet_v3_small", 64,
      {"workers": 2, "image_classifier": {"model": {"intra_op_threads": 2}}}),
     ("access log on", "mobilenet_v3_small", 64, {"logging": {"access": {"enabled": True}}}),
-    ("without uvloop and httptools", "mobilenet_v3_small", 64,
-     {"__without_modules__": ["uvloop", "httptools"]}),
+    ("without uvloop and httptools", "mobilenet_v3_small", 64, {}, ("uvloop", "httptools")),
     ("max_batch_size 8", "mobilenet_v3_small", 64,
      {"image_classifier": {"batching": {"max_batch_size": 8}}}),
     ("max_latency_ms 5000", "mobilenet_v3_small", 64,
@@ -208,15 +207,16 @@ def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dic
     from bench import load, profile, servers
 
     measured, shares = [], {}
-    for name, key, concurrency, overrides in LEVERS:
+    for name, key, concurrency, overrides, *without in LEVERS:
         if key not in models:
             continue
+        without = tuple(without[0]) if without else ()
         tag = models[key]["tag"]
         model_dir = Path(bentoml.models.get(tag).path)
-        with servers.serve("bentoml", tag, model_dir, WORK, overrides) as running:
+        with servers.serve("bentoml", tag, model_dir, WORK, overrides, without) as running:
             load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)
             spy = None
-            if not overrides and key == "mobilenet_v3_small":
+            if not overrides and not without and key == "mobilenet_v3_small":
                 spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
             result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency, duration)
             if spy is not None:
@@ -224,7 +224,8 @@ def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dic
                 shares = profile.summarize(WORK / "profile.txt")
         print(f"[lever] {key} c={concurrency} {name}: {result.throughput:.1f} req/s "
               f"p99 {result.p99_ms:.0f} ms", flush=True)
-        measured.append({"name": name, "model": key, "overrides": overrides, **asdict(result)})
+        measured.append({"name": name, "model": key, "overrides": overrides,
+                         "without_modules": list(without), **asdict(result)})
     return measured, shares
 
 

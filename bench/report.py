@@ -32,6 +32,12 @@ def machine() -> dict:
         "python": platform.python_version(), "versions": versions}
 
 
+def ceiling_of(entry: dict) -> float:
+    """The runtime's best images/s, in the served layout or on one process with all cores."""
+    return max(max(entry["runtime_service_threads"].values()),
+               max(entry["runtime_all_threads"].values()))
+
+
 def best(levels: list[dict]) -> dict:
     return max(levels, key=lambda r: r["throughput"])
 
@@ -45,8 +51,7 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     models = results["models"]
     if "mobilenet_v3_small" in models:
         light = models["mobilenet_v3_small"]
-        ceiling = max(max(light["runtime_service_threads"].values()),
-                      max(light["runtime_all_threads"].values()))
+        ceiling = ceiling_of(light)
         ours = light["served"].get("bentoml")
         if ours:
             peak = best(ours["levels"])
@@ -75,8 +80,7 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
                                      level["throughput"] >= factor * theirs))
     if "resnet18" in models and "bentoml" in models["resnet18"]["served"]:
         heavy = models["resnet18"]
-        ceiling = max(max(heavy["runtime_service_threads"].values()),
-                      max(heavy["runtime_all_threads"].values()))
+        ceiling = ceiling_of(heavy)
         peak = best(heavy["served"]["bentoml"]["levels"])
         ratio = peak["throughput"] / ceiling
         rows.append(("heavy: served ≥ 90% of the runtime's best batched throughput",
@@ -84,8 +88,7 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
                      ratio >= 0.90))
     if "resnet50" in models and "bentoml" in models["resnet50"]["served"]:
         entry = models["resnet50"]
-        ceiling = max(max(entry["runtime_service_threads"].values()),
-                      max(entry["runtime_all_threads"].values()))
+        ceiling = ceiling_of(entry)
         levels = entry["served"]["bentoml"]["levels"]
         peak = best(levels)
         rows.append(("GPU, resnet50: served vs raw runtime throughput",
@@ -112,8 +115,7 @@ def analysis(results: dict) -> str:
     for key, entry in results["models"].items():
         if "bentoml" not in entry["served"] or entry["kind"] not in ("light", "heavy"):
             continue
-        ceiling = max(max(entry["runtime_service_threads"].values()),
-                      max(entry["runtime_all_threads"].values()))
+        ceiling = ceiling_of(entry)
         as_served = max(entry["runtime_service_threads"].values())
         runtime_ms = cores * 1000 / ceiling
         decode_ms = entry["decode_ms"]["jpeg"]
@@ -166,8 +168,7 @@ def plot(results: dict, out: Path, suffix: str) -> list[str]:
                 ax.plot(xs, [r[metric] for r in served["levels"]], marker="o",
                         label=SERVERS[server])
             if metric == "throughput":
-                ceiling = max(max(entry["runtime_service_threads"].values()),
-                              max(entry["runtime_all_threads"].values()))
+                ceiling = ceiling_of(entry)
                 ax.axhline(ceiling, color="grey", linestyle="--", label="runtime ceiling")
             ax.set_xscale("log", base=2)
             if metric == "p99_ms":

@@ -66,10 +66,10 @@ def without_modules(names: list[str], workdir: Path) -> dict:
 
 
 def command_for(server: str, tag: str, model_dir: Path, port: int, workdir: Path,
-                overrides: dict) -> tuple[list[str], dict, str]:
+                overrides: dict, without: tuple[str, ...]) -> tuple[list[str], dict, str]:
     env = os.environ.copy()
-    if blocked := overrides.pop("__without_modules__", None):
-        env.update(without_modules(blocked, workdir))
+    if without:
+        env.update(without_modules(list(without), workdir))
     if server == "bentoml":
         env["BENTOML_CONFIG"] = str(bentoml_config(tag, overrides, workdir))
         return ([str(BIN / "bentoml"), "serve", "service:ImageClassifier", "--host", "127.0.0.1",
@@ -82,11 +82,12 @@ def command_for(server: str, tag: str, model_dir: Path, port: int, workdir: Path
 
 @contextlib.contextmanager
 def serve(server: str, tag: str, model_dir: Path, workdir: Path, overrides: dict | None = None,
-          timeout_s: float = 120) -> Iterator[Running]:
-    """Start `server`, wait until it answers its readiness path, stop it by its PID after."""
+          without: tuple[str, ...] = (), timeout_s: float = 120) -> Iterator[Running]:
+    """Start `server` (with `overrides` to its configuration, and `without` these modules
+    importable), wait until it answers its readiness path, stop it and its children after."""
     port = free_port()
     command, env, ready_path = command_for(server, tag, model_dir, port, workdir,
-                                           copy.deepcopy(overrides or {}))
+                                           overrides or {}, without)
     log = open(workdir / f"{server}-{port}.log", "w")
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -4,8 +4,10 @@ takes (H, W, C at the model's input size). Scaling and normalization are in the 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,26 @@ NOT_AN_IMAGE = (
 )
 
 
+@contextlib.contextmanager
+def pillow_errors_as_invalid_image() -> Iterator[None]:
+    """Pillow signals a bad upload with OSError (UnidentifiedImageError), SyntaxError,
+    ValueError or DecompressionBombError (an Exception only); callers get one InvalidImage,
+    a ValueError, which pydantic turns into a 400 instead of letting it surface as a 500."""
+    try:
+        yield
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"the image is too large to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(NOT_AN_IMAGE) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(
+            f"could not decode the image ({exc}); send a complete PNG, JPEG, GIF, BMP, TIFF or "
+            "WebP file"
+        ) from None
+
+
 def decode_image(
     source: bytes | Path | Image.Image, spec: InputSpec, max_pixels: int | None = None
 ) -> np.ndarray:
@@ -46,7 +68,7 @@ def decode_image(
             f"over the limit of {max_pixels}: send a smaller image "
             "(services.ImageClassifier.image_classifier.limits.max_image_pixels)"
         )
-    try:
+    with pillow_errors_as_invalid_image():
         image.seek(0)  # animated GIF/PNG/WebP: the first frame
         # JPEG only: let libjpeg decode at a reduced scale that is still >= the target size;
         # the resize below does the rest, so this is faster at no cost in quality.
@@ -54,8 +76,6 @@ def decode_image(
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when nothing to rotate
         image = to_color_mode(image, spec)
         image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _undecodable(exc) from None
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(spec.shape)
 
@@ -67,22 +87,10 @@ def _open(source: bytes | Path) -> Image.Image:
         source = io.BytesIO(source)
     elif Path(source).stat().st_size == 0:
         raise InvalidImage("the upload is empty (0 bytes); send an image file")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns (DecompressionBombWarning) before it errors; the error is ours to raise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(source)
-    except UnidentifiedImageError:
-        raise InvalidImage(NOT_AN_IMAGE) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _undecodable(exc) from None
-
-
-def _undecodable(exc: Exception) -> InvalidImage:
-    return InvalidImage(
-        f"could not decode the image ({exc}); send a complete PNG, JPEG, GIF, BMP, TIFF or "
-        "WebP file"
-    )
+    with pillow_errors_as_invalid_image(), warnings.catch_warnings():
+        # Pillow warns (DecompressionBombWarning) before it errors; the error is ours to raise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
 
 
 def to_color_mode(image: Image.Image, spec: InputSpec) -> Image.Image:

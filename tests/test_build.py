@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -69,8 +70,6 @@ def test_invalid_configuration_stops_startup_and_names_the_key(trained_model, tm
 def test_a_damaged_store_entry_stops_startup_and_names_the_file(trained_model, bentoml_home,
                                                                 tmp_path) -> None:
     """A copy of the store whose graph lost bytes: `bentoml serve` refuses to start."""
-    import shutil
-
     home = tmp_path / "home"
     shutil.copytree(bentoml_home / "models", home / "models")
     name, version = trained_model.split(":")

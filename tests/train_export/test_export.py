@@ -78,7 +78,7 @@ def test_unknown_architecture_is_refused_with_the_choices(architecture: str) -> 
     assert result.returncode != 0 and "resnet18" in result.stderr
 
 
-def test_a_torchvision_architecture_exports_and_serves(trained_model: str) -> None:
+def test_a_torchvision_architecture_exports_and_runs_in_onnxruntime(trained_model: str) -> None:
     """Any torchvision classifier goes through the same export: RGB input, features, parity."""
     import numpy as np
 
