@@ -18,18 +18,23 @@ import numpy as np
 from bentoml.exceptions import NotFound
 from bentoml.validators import ContentType
 from PIL import Image
-from pydantic import AfterValidator, Field, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from starlette.datastructures import UploadFile
 
 from serving import settings as configuration
+from serving.admission import Admission, Route, quiet_client_error_tracebacks
 from serving.contract import ONNX_FILE, ModelCard
+from serving.errors import RejectedInput, as_validation_error
 from serving.postprocess import to_predictions
-from serving.preprocess import decode_image, pillow_errors_as_invalid_image, validate_tensor
+from serving.preprocess import InvalidTensor, decode_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
 from serving.schemas import ModelInfo, Prediction
+from serving.uploads import NOT_A_FILE, NotAFile, TooManyImages, refuse_urls_in_file_fields
 
 logger = logging.getLogger("bentoml.image_classifier")
 
 SETTINGS, BENTOML_SERVICE_CONFIG = configuration.load()
+API_KEY = SETTINGS.api_key()
 MODEL = bentoml.models.BentoModel(SETTINGS.model.tag)
 
 
@@ -48,6 +53,9 @@ def read_model_card() -> ModelCard:
 
 CARD = read_model_card()
 INPUT = CARD.input
+INPUT_SHAPES = (f"(N, {INPUT.height}, {INPUT.width}) or " if INPUT.channels == 1 else "") + (
+    f"(N, {INPUT.height}, {INPUT.width}, {INPUT.channels})"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,26 +66,62 @@ class Pixels:
     received_at: float
 
 
-def _decode_upload(upload: Any, open_upload: ValidatorFunctionWrapHandler) -> Pixels:
-    """Runs while BentoML parses the request: a bad image fails only its own request (400)."""
+def _decode_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) -> Pixels:
+    """Runs while BentoML parses the request: a bad image fails only its own request (4xx)."""
     received_at = time.perf_counter()
-    with pillow_errors_as_invalid_image():
-        image = open_upload(upload)  # BentoML's PIL.Image.open on the spooled upload (lazy)
-    return Pixels(decode_image(image, INPUT, SETTINGS.limits.max_image_pixels), received_at)
+    # Not BentoML's decoder: it trusts the part's Content-Type (a JPEG sent as image/png fails)
+    # and takes strings as well as files. Images are identified by their bytes here.
+    if not isinstance(upload, UploadFile):
+        raise as_validation_error(NotAFile(NOT_A_FILE))
+    limit = SETTINGS.limits.max_image_pixels
+    try:
+        return Pixels(decode_image(upload.file, INPUT, limit), received_at)
+    except RejectedInput as exc:
+        raise as_validation_error(exc) from None
 
 
-def _validate_tensor(array: np.ndarray) -> list[Pixels]:
+def _count_images(uploads: Any, validate_each: ValidatorFunctionWrapHandler) -> list[Pixels]:
+    """Before any image is decoded: refuse a request with more than the limit."""
+    limit = SETTINGS.limits.max_images_per_request
+    if isinstance(uploads, list) and len(uploads) > limit:
+        raise as_validation_error(TooManyImages(
+            f"{len(uploads)} images in one request, over the limit of {limit} "
+            "(limits.max_images_per_request): send them in several requests"
+        ))
+    return validate_each(uploads)
+
+
+def _validate_tensor(array: Any, parse_array: ValidatorFunctionWrapHandler) -> list[Pixels]:
     received_at = time.perf_counter()
-    return [Pixels(image, received_at) for image in validate_tensor(array, INPUT)]
+    try:
+        rows = validate_tensor(_as_array(array, parse_array), INPUT)
+        if len(rows) > SETTINGS.limits.max_images_per_request:
+            raise TooManyImages(
+                f"{len(rows)} images in one request, over the limit of "
+                f"{SETTINGS.limits.max_images_per_request} (limits.max_images_per_request): "
+                "send them in several requests"
+            )
+    except RejectedInput as exc:
+        raise as_validation_error(exc) from None
+    return [Pixels(image, received_at) for image in rows]
+
+
+def _as_array(value: Any, parse_array: ValidatorFunctionWrapHandler) -> np.ndarray:
+    try:
+        return parse_array(value)  # BentoML's JSON lists -> ndarray
+    except ValidationError:  # ragged lists, mixed types
+        raise InvalidTensor(
+            f"pixels must be a rectangular array of numbers 0-255 of shape {INPUT_SHAPES}"
+        ) from None
 
 
 ImageUpload = Annotated[Image.Image, WrapValidator(_decode_upload)]
+ImageUploads = Annotated[list[ImageUpload], WrapValidator(_count_images)]
 PixelTensor = Annotated[
     np.ndarray,
-    AfterValidator(_validate_tensor),
+    WrapValidator(_validate_tensor),
     Field(
-        description=f"uint8 pixels, shape (N, {INPUT.height}, {INPUT.width}"
-        + (")" if INPUT.channels == 1 else f", {INPUT.channels})"),
+        description=f"uint8 pixels, shape {INPUT_SHAPES}",
         examples=[np.zeros((1, INPUT.height, INPUT.width), dtype=int).tolist()]
         if INPUT.channels == 1
         else None,
@@ -118,7 +162,7 @@ class ImageClassifier:
         return self.runtime is not None
 
     @bentoml.api(route="/classify", **BATCHING)
-    def classify(self, images: list[ImageUpload]) -> Predictions:
+    def classify(self, images: ImageUploads) -> Predictions:
         """Classify one or more uploaded images (multipart field `images`, repeat it for
         several). Answers one prediction per image, in upload order."""
         return self._predict(images)
@@ -159,3 +203,23 @@ class ImageClassifier:
             self.tag,
             [(done - p.received_at) * 1000.0 for p in batch],
         )
+
+
+# What each API takes, for the answers that refuse a wrong Content-Type or a missing field.
+HOW_TO_SEND = {
+    "classify": "a multipart form with one file part `images` per image "
+                "(curl -F images=@digit.png)",
+    "classify_tensor": f'JSON {{"pixels": [...]}} of shape {INPUT_SHAPES}',
+    "model_info": "an empty JSON object {}",
+}
+
+refuse_urls_in_file_fields()
+quiet_client_error_tracebacks()
+ImageClassifier.add_asgi_middleware(
+    Admission,
+    routes={api.route: Route(api.input_spec.mime_type(), HOW_TO_SEND[name])
+            for name, api in ImageClassifier.apis.items()},
+    limits=SETTINGS.limits,
+    public_paths=SETTINGS.security.public_paths,
+    api_key=API_KEY,
+)

@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> None:
 
     if args.gpu:
         args.models = ["resnet50"]
-    settings = parse_settings(read_config_file(args.config))
-    workers = service_config(read_config_file(args.config)).get("workers", 1)
+    document = read_config_file(args.config)
+    settings = parse_settings(document)
+    workers = service_config(document, settings).get("workers", 1)
     workers = os.cpu_count() if workers == "cpu_count" else int(workers)
     providers = list(settings.model.providers)
     WORK.mkdir(parents=True, exist_ok=True)

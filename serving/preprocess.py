@@ -9,11 +9,13 @@ import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .contract import InputSpec
+from .errors import RejectedInput
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -23,30 +25,43 @@ _RESAMPLING = {
 }
 
 
-class InvalidImage(ValueError):
+class InvalidImage(RejectedInput):
     """The upload is not an image Pillow can decode; the message says what to send instead."""
 
+    code = "invalid_image"
 
-class InvalidTensor(ValueError):
+
+class ImageTooLarge(RejectedInput):
+    """More pixels than the configured limit; refused from the header, before decoding."""
+
+    code = "image_too_large"
+
+
+class InvalidTensor(RejectedInput):
     """JSON pixels that do not fit the model's input; the message names the expected shape."""
+
+    code = "invalid_tensor"
 
 
 NOT_AN_IMAGE = (
     "the upload is not an image Pillow recognises; send a PNG, JPEG, GIF, BMP, TIFF or WebP file"
 )
+PIXEL_LIMIT_KEY = "services.ImageClassifier.image_classifier.limits.max_image_pixels"
 
 
 @contextlib.contextmanager
 def pillow_errors_as_invalid_image() -> Iterator[None]:
     """Pillow signals a bad upload with OSError (UnidentifiedImageError), SyntaxError,
     ValueError or DecompressionBombError (an Exception only); callers get one InvalidImage,
-    a ValueError, which pydantic turns into a 400 instead of letting it surface as a 500."""
+    a ValueError, which pydantic turns into a 4xx instead of letting it surface as a 500."""
     try:
         yield
-    except InvalidImage:
+    except RejectedInput:
         raise
     except Image.DecompressionBombError as exc:
-        raise InvalidImage(f"the image is too large to decode safely: {exc}") from None
+        raise ImageTooLarge(
+            f"the image is too large to decode safely ({exc}); send a smaller image"
+        ) from None
     except UnidentifiedImageError:
         raise InvalidImage(NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -56,17 +71,37 @@ def pillow_errors_as_invalid_image() -> Iterator[None]:
         ) from None
 
 
+def open_image(source: bytes | Path | BinaryIO) -> Image.Image:
+    """Identify an upload by its bytes (not its name or declared type) and read its header
+    only; pixels are decoded later, by decode_image, once the size is known to be allowed."""
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    if _is_empty(source):
+        raise InvalidImage("the upload is empty (0 bytes); send an image file")
+    with pillow_errors_as_invalid_image(), warnings.catch_warnings():
+        # Pillow warns (DecompressionBombWarning) before it errors; the limit is ours to apply.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def _is_empty(source: Path | BinaryIO) -> bool:
+    if isinstance(source, Path):
+        return source.stat().st_size == 0
+    empty = source.read(1) == b""
+    source.seek(0)
+    return empty
+
+
 def decode_image(
-    source: bytes | Path | Image.Image, spec: InputSpec, max_pixels: int | None = None
+    source: bytes | Path | BinaryIO | Image.Image, spec: InputSpec, max_pixels: int | None = None
 ) -> np.ndarray:
-    """Decode one upload (bytes, a file, or a lazily opened image) and return pixels of shape
+    """Decode one upload (bytes, a file, or an opened image) and return pixels of shape
     `spec.shape`, dtype uint8. Images over `max_pixels` are refused from their header alone."""
-    image = source if isinstance(source, Image.Image) else _open(source)
+    image = source if isinstance(source, Image.Image) else open_image(source)
     if max_pixels is not None and image.width * image.height > max_pixels:
-        raise InvalidImage(
+        raise ImageTooLarge(
             f"the image is {image.width}x{image.height} = {image.width * image.height} pixels, "
-            f"over the limit of {max_pixels}: send a smaller image "
-            "(services.ImageClassifier.image_classifier.limits.max_image_pixels)"
+            f"over the limit of {max_pixels}: send a smaller image ({PIXEL_LIMIT_KEY})"
         )
     with pillow_errors_as_invalid_image():
         image.seek(0)  # animated GIF/PNG/WebP: the first frame
@@ -78,19 +113,6 @@ def decode_image(
         image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels.reshape(spec.shape)
-
-
-def _open(source: bytes | Path) -> Image.Image:
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise InvalidImage("the upload is empty (0 bytes); send an image file")
-        source = io.BytesIO(source)
-    elif Path(source).stat().st_size == 0:
-        raise InvalidImage("the upload is empty (0 bytes); send an image file")
-    with pillow_errors_as_invalid_image(), warnings.catch_warnings():
-        # Pillow warns (DecompressionBombWarning) before it errors; the error is ours to raise.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(source)
 
 
 def to_color_mode(image: Image.Image, spec: InputSpec) -> Image.Image:

@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SECTION = "image_classifier"
 SERVICE_NAME = "ImageClassifier"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configuration.yaml"
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
+MIN_API_KEY_LENGTH = 16
+# BentoML's own request timeout stays on as a backstop behind ours (which answers with our JSON).
+BENTOML_TIMEOUT_MARGIN_S = 10
 
 
 class ConfigurationError(RuntimeError):
@@ -63,9 +66,53 @@ class BatchingSettings(_Section):
 
 
 class LimitsSettings(_Section):
+    """What one request may ask of the service; each refusal has its own status (README, "Limits
+    and security")."""
+
+    max_request_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0,
+        description="Request body size; refused (413) from Content-Length, or while streaming "
+        "when there is none, before the body is read.",
+    )
     # Checked from the image header, before decoding: decoding runs in a worker's event loop, and
     # Pillow only warns (does not refuse) below 179 Mpx. 40 Mpx covers any phone camera.
     max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_images_per_request: int = Field(
+        default=32, gt=0,
+        description="Images (or tensor rows) in one request; more are refused (413). At most "
+        "batching.max_batch_size: one request must fit one batch.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="A request not answered in this time gets 504; also bounds how long a "
+        "graceful shutdown waits for requests in flight.",
+    )
+    max_concurrency: int = Field(
+        default=128, gt=0,
+        description="Requests in flight per worker process; more get 429 with Retry-After. "
+        "Per worker, not per service: workers share connections, not requests.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=0, description="Retry-After sent with 429 and 503 answers."
+    )
+
+
+class SecuritySettings(_Section):
+    api_key_env: str = Field(
+        default="IMAGE_CLASSIFIER_API_KEY",
+        description="Environment variable holding the API key; unset or empty = no key.",
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the API key (a mounted secret); read at startup, wins over "
+        "the environment variable.",
+    )
+    public_paths: list[str] = Field(
+        default=["/livez", "/readyz", "/healthz", "/metrics",
+                 "/", "/docs.json", "/schema.json", "/static_content/", "/assets/"],
+        description="Paths open without the key; an entry ending in '/' opens that prefix. "
+        "Everything else, every model endpoint included, needs it.",
+    )
 
 
 class ResponseSettings(_Section):
@@ -77,6 +124,36 @@ class Settings(_Section):
     batching: BatchingSettings = BatchingSettings()
     limits: LimitsSettings = LimitsSettings()
     response: ResponseSettings = ResponseSettings()
+    security: SecuritySettings = SecuritySettings()
+
+    @model_validator(mode="after")
+    def _one_request_fits_one_batch(self) -> Settings:
+        if self.limits.max_images_per_request > self.batching.max_batch_size:
+            raise ValueError(
+                f"limits.max_images_per_request ({self.limits.max_images_per_request}) is larger "
+                f"than batching.max_batch_size ({self.batching.max_batch_size}): lower the first "
+                "or raise the second"
+            )
+        return self
+
+    def api_key(self) -> str | None:
+        """The configured API key, or None when the service runs without one."""
+        if self.security.api_key_file is not None:
+            path = self.security.api_key_file
+            if not path.is_file():
+                raise ConfigurationError(
+                    f"security.api_key_file {path} does not exist: mount the secret there or "
+                    "remove the setting."
+                )
+            key = path.read_text().strip()
+        else:
+            key = os.environ.get(self.security.api_key_env, "").strip()
+        if key and len(key) < MIN_API_KEY_LENGTH:
+            raise ConfigurationError(
+                f"the API key is {len(key)} characters; use at least {MIN_API_KEY_LENGTH}, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return key or None
 
 
 def config_path() -> Path:
@@ -109,23 +186,30 @@ def parse_settings(document: dict[str, Any], source: str = "configuration.yaml")
     except ValidationError as exc:
         where = f"services.{SERVICE_NAME}.{SECTION}"
         problems = "\n".join(
-            f"  {where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            f" (got {err['input']!r})"
+            f"  {'.'.join([where, *(str(p) for p in err['loc'])])}: {err['msg']}"
+            + (f" (got {err['input']!r})" if err["loc"] else "")
             for err in exc.errors(include_url=False)
         )
         raise ConfigurationError(f"invalid settings in {source}:\n{problems}") from None
 
 
-def service_config(document: dict[str, Any]) -> dict[str, Any]:
+def service_config(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """BentoML's own settings for our service (`services.ImageClassifier` less our section),
     passed to `@bentoml.service` so that they apply without BENTOML_CONFIG; when BENTOML_CONFIG
-    is set, BentoML reads the same file and the values agree."""
+    is set, BentoML reads the same file and the values agree.
+
+    Our request timeout answers 504 with our JSON body; BentoML's own (`traffic.timeout`) is
+    kept, unless the file sets it, a little longer as a backstop."""
     block = _service_block(document)
     block.pop(SECTION, None)
+    traffic = dict(block.get("traffic") or {})
+    traffic.setdefault("timeout", settings.limits.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S)
+    block["traffic"] = traffic
     return block
 
 
 def load() -> tuple[Settings, dict[str, Any]]:
     path = config_path()
     document = read_config_file(path)
-    return parse_settings(document, str(path)), service_config(document)
+    settings = parse_settings(document, str(path))
+    return settings, service_config(document, settings)

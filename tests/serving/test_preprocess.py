@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from serving.contract import InputSpec
-from serving.preprocess import InvalidImage, InvalidTensor, decode_image, validate_tensor
+from serving.preprocess import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidTensor,
+    decode_image,
+    validate_tensor,
+)
 
 GREY = InputSpec(height=28, width=28, channels=1, color_mode="L", polarity="light_on_dark",
                  mean=(0.13,), std=(0.28,))
@@ -139,5 +145,5 @@ def test_rgb_model_expects_three_channels() -> None:
 def test_images_over_the_pixel_limit_are_refused_before_decoding() -> None:
     data = encode(Image.new("L", (300, 200)), "PNG")
     assert decode_image(data, GREY, max_pixels=60_000).shape == (28, 28, 1)
-    with pytest.raises(InvalidImage, match="300x200 = 60000 pixels, over the limit of 59999"):
+    with pytest.raises(ImageTooLarge, match="300x200 = 60000 pixels, over the limit of 59999"):
         decode_image(data, GREY, max_pixels=59_999)
