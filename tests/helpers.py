@@ -95,3 +95,43 @@ def metric_samples(metrics_text: str, name: str) -> dict[str, float]:
         if match:
             samples[match.group(1) or ""] = float(match.group(2))
     return samples
+
+
+def metric_total(metrics_text: str, name: str, **labels: str) -> float:
+    """Sum of one metric's samples (over workers) whose labels include `labels`."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in metric_samples(metrics_text, name).items()
+               if all(w in k for w in wanted))
+
+
+def multipart_body(files: list[tuple[str, bytes, str]], field: str = "images") -> tuple[bytes, str]:
+    """A multipart/form-data body of file parts (filename, bytes, content type)."""
+    boundary = "----hardening-test-boundary"
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        f"Content-Type: {kind}\r\n\r\n".encode() + data + b"\r\n"
+        for name, data, kind in files
+    )
+    return parts + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def open_request(url: str, path: str, headers: dict[str, str], first_bytes: bytes = b"",
+                 ) -> socket.socket:
+    """Send a request's head (and optionally the start of its body) on a raw socket, and
+    leave it open: the way a slow client, or one caught mid-upload, looks to the server."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock.sendall(head.encode() + first_bytes)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    import http.client
+
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = response.read()
+    sock.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
