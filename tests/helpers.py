@@ -52,9 +52,10 @@ def start_server(
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     command = [str(BIN / "bentoml"), "serve", *target, "--host", "127.0.0.1", "--port", str(port)]
+    env = {**(env or os.environ), "BENTOML_HOME": str(own_home(log_dir / f"home-{port}"))}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            command, cwd=cwd, env=env or os.environ.copy(), stdout=out, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     server = RunningServer(f"http://127.0.0.1:{port}", process, log)
     try:
@@ -62,6 +63,18 @@ def start_server(
         yield server
     finally:
         stop(process)
+
+
+def own_home(home: Path) -> Path:
+    """A BentoML home that shares the session's store but not its Prometheus directory: each
+    `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts, which would
+    wipe the metrics of a server already running from the same home."""
+    shared = Path(os.environ["BENTOML_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(parents=True, exist_ok=True)
+        (home / store).symlink_to(shared / store, target_is_directory=True)
+    return home
 
 
 def wait_until_ready(server: RunningServer) -> None:
