@@ -10,7 +10,7 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build bench bench-gpu clean
+.PHONY: help venv model train serve test build bench bench-gpu soak clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -18,6 +18,7 @@ help:
 	@echo "make train   train and export a new version of the default model"
 	@echo "make build   bentoml build (the bento carries the model)"
 	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
+	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
 
 venv: $(BIN)/.installed
 
@@ -52,6 +53,11 @@ $(BIN)/.bench-installed: $(BIN)/.installed requirements/bench.txt
 bench: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Not in CI: 10 minutes at 80% of measured capacity; writes docs/soak.md.
+soak: $(BIN)/.bench-installed
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # On a machine with an NVIDIA GPU: resnet50 at 224x224, served vs raw GPU throughput.
 bench-gpu: $(BIN)/.bench-installed

@@ -1,8 +1,10 @@
 """ImageClassifier: a BentoML service that classifies images with an ONNX graph from the model store.
 
-A request's path: upload -> `serving.preprocess.decode_image` (per request, while it is being
-parsed, so decoding runs beside the batch that is running, not behind it) -> BentoML's adaptive
-batcher -> `serving.runtime.OnnxRuntime` (one call per batch) -> `serving.postprocess` -> JSON.
+A request's path: `serving.admission` (API key, Content-Type, size, concurrency, timeout; every
+refusal as `{"error", "detail"}`) -> upload (`serving.uploads`: files only, a bounded count) ->
+`serving.preprocess.decode_image` (per request, while it is being parsed, so decoding runs beside
+the batch that is running, not behind it) -> BentoML's adaptive batcher ->
+`serving.runtime.OnnxRuntime` (one call per batch) -> `serving.postprocess` -> JSON.
 No torch, no torchvision and no training code is imported here: the store entry's card.json says
 everything the service needs to know about the model.
 """
@@ -80,14 +82,19 @@ def _decode_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) 
         raise as_validation_error(exc) from None
 
 
+def _check_image_count(count: int) -> None:
+    limit = SETTINGS.limits.max_images_per_request
+    if count > limit:
+        raise TooManyImages(f"{count} images in one request, over the limit of {limit} "
+                            "(limits.max_images_per_request): send them in several requests")
+
+
 def _count_images(uploads: Any, validate_each: ValidatorFunctionWrapHandler) -> list[Pixels]:
     """Before any image is decoded: refuse a request with more than the limit."""
-    limit = SETTINGS.limits.max_images_per_request
-    if isinstance(uploads, list) and len(uploads) > limit:
-        raise as_validation_error(TooManyImages(
-            f"{len(uploads)} images in one request, over the limit of {limit} "
-            "(limits.max_images_per_request): send them in several requests"
-        ))
+    try:
+        _check_image_count(len(uploads) if isinstance(uploads, list) else 1)
+    except RejectedInput as exc:
+        raise as_validation_error(exc) from None
     return validate_each(uploads)
 
 
@@ -95,12 +102,7 @@ def _validate_tensor(array: Any, parse_array: ValidatorFunctionWrapHandler) -> l
     received_at = time.perf_counter()
     try:
         rows = validate_tensor(_as_array(array, parse_array), INPUT)
-        if len(rows) > SETTINGS.limits.max_images_per_request:
-            raise TooManyImages(
-                f"{len(rows)} images in one request, over the limit of "
-                f"{SETTINGS.limits.max_images_per_request} (limits.max_images_per_request): "
-                "send them in several requests"
-            )
+        _check_image_count(len(rows))  # after the shape check, which says what N is
     except RejectedInput as exc:
         raise as_validation_error(exc) from None
     return [Pixels(image, received_at) for image in rows]

@@ -15,6 +15,7 @@ import httpx
 import psutil
 
 LUA = Path(__file__).with_name("multipart.lua")
+PACED_LUA = Path(__file__).with_name("paced.lua")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class LoadResult:
     other_errors: int
     server_cpu_cores: float    # CPU seconds of the server's process tree per wall second
     server_rss_mb: float       # peak RSS of the server's process tree
+    server_rss_start_mb: float  # ... when the load started, and when it ended
+    server_rss_end_mb: float
     loadgen_cpu_cores: float   # the same for wrk: what measuring cost
     batch_sizes: dict[str, float] = field(default_factory=dict)
 
@@ -105,11 +108,14 @@ def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
-            timeout_s: int = 30, sample_batches: bool = True) -> LoadResult:
+            timeout_s: int = 30, sample_batches: bool = True, pause_ms: float = 0,
+            content_type: str = "image/jpeg") -> LoadResult:
+    """Closed loop; with `pause_ms`, each connection waits that long between requests."""
     threads = 1 if concurrency < 8 else 2
+    script = [str(PACED_LUA)] if pause_ms else [str(LUA)]
     command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s",
-               "--timeout", f"{int(timeout_s)}s", "-s", str(LUA), f"{url}/classify", "--",
-               str(image), "images", "image/jpeg"]
+               "--timeout", f"{int(timeout_s)}s", "-s", *script, f"{url}/classify", "--",
+               str(image), "images", content_type, *([f"{pause_ms:.3f}"] if pause_ms else [])]
     peak_rss = [rss_mb(pid)]
     stop = threading.Event()
 
@@ -151,6 +157,8 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
         + stats["write_errors"] + stats["timeouts"],
         server_cpu_cores=server_cpu / wall,
         server_rss_mb=max(peak_rss),
+        server_rss_start_mb=peak_rss[0],
+        server_rss_end_mb=peak_rss[-1],
         loadgen_cpu_cores=loadgen_cpu / wall,
         batch_sizes=batch_summary(histogram_before, batch_histogram(url)) if sample_batches else {},
     )

@@ -93,7 +93,8 @@ class Admission:
             self.in_flight -= 1
 
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
-        exchange = Exchange(receive, send, self.limits.max_request_bytes, route, self._retry_after())
+        exchange = Exchange(receive, send, self.limits.max_request_bytes, route,
+                            self._retry_after())
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 await self.app(scope, exchange.receive, exchange.send)
@@ -193,7 +194,8 @@ class Exchange:
             return (*from_bentoml_validation(document, self.route.how_to_send), [])
         if isinstance(document, list) and document and isinstance(document[0], dict):
             document = document[0]  # BentoML's body for a BentoMLException below 500
-        reason = document.get("error") if isinstance(document, dict) else body.decode(errors="replace")
+        reason = (document.get("error") if isinstance(document, dict)
+                  else body.decode(errors="replace"))
         # Anything else keeps its status, named by it ("method_not_allowed"); a 500 stays a 500:
         # a bug to fix, not to hide.
         return (HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_"),

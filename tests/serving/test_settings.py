@@ -62,3 +62,34 @@ def test_missing_file_says_how_to_fix(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BENTOML_CONFIG", str(tmp_path / "nope.yaml"))
     with pytest.raises(settings.ConfigurationError, match="set BENTOML_CONFIG"):
         settings.load()
+
+
+def test_the_api_key_comes_from_a_secret_file_before_the_environment(tmp_path, monkeypatch) -> None:
+    secret = tmp_path / "api_key"
+    secret.write_text("from-the-file-0123456789\n")
+    monkeypatch.setenv("IMAGE_CLASSIFIER_API_KEY", "from-the-environment-0123")
+    assert settings.Settings().api_key() == "from-the-environment-0123"
+    parsed = settings.parse_settings(in_service_block({"security": {"api_key_file": str(secret)}}))
+    assert parsed.api_key() == "from-the-file-0123456789"
+
+
+def test_no_key_configured_means_no_key(monkeypatch) -> None:
+    monkeypatch.delenv("IMAGE_CLASSIFIER_API_KEY", raising=False)
+    assert settings.Settings().api_key() is None
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ({"api_key_file": "/nonexistent/key"}, "does not exist"),
+    ({"api_key_env": "SHORT_KEY_FOR_TEST"}, "use at least 16"),
+])
+def test_a_bad_api_key_stops_startup(problem: dict, fragment: str, monkeypatch) -> None:
+    monkeypatch.setenv("SHORT_KEY_FOR_TEST", "short")
+    parsed = settings.parse_settings(in_service_block({"security": problem}))
+    with pytest.raises(settings.ConfigurationError, match=fragment):
+        parsed.api_key()
+
+
+def test_one_request_must_fit_one_batch() -> None:
+    with pytest.raises(settings.ConfigurationError, match="max_images_per_request"):
+        settings.parse_settings(in_service_block({"batching": {"max_batch_size": 8},
+                                                  "limits": {"max_images_per_request": 9}}))
