@@ -108,14 +108,14 @@ def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
-            timeout_s: int = 30, sample_batches: bool = True, pause_ms: float = 0,
+            timeout_s: int = 30, sample_batches: bool = True, rate: float = 0,
             content_type: str = "image/jpeg") -> LoadResult:
-    """Closed loop; with `pause_ms`, each connection waits that long between requests."""
+    """Closed loop; with `rate`, at most that many requests per second (bench/paced.lua)."""
     threads = 1 if concurrency < 8 else 2
-    script = [str(PACED_LUA)] if pause_ms else [str(LUA)]
+    script = [str(PACED_LUA)] if rate else [str(LUA)]
     command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s",
                "--timeout", f"{int(timeout_s)}s", "-s", *script, f"{url}/classify", "--",
-               str(image), "images", content_type, *([f"{pause_ms:.3f}"] if pause_ms else [])]
+               str(image), "images", content_type, *([f"{rate / threads:.3f}"] if rate else [])]
     peak_rss = [rss_mb(pid)]
     stop = threading.Event()
 
