@@ -39,7 +39,9 @@ train: venv
 serve: model
 	$(BIN)/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
 
+# The Swagger UI test drives Debian's Chromium (Playwright's own browser download needs internet).
 test: venv
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 build: model
