@@ -46,13 +46,16 @@ class RunningServer:
 
 @contextlib.contextmanager
 def start_server(
-    target: Sequence[str], cwd: Path, log_dir: Path, env: dict | None = None
+    target: Sequence[str], cwd: Path, log_dir: Path, env: dict | None = None,
+    bentoml: Path = BIN / "bentoml", home: Path | None = None,
 ) -> Iterator[RunningServer]:
-    """Run `bentoml serve TARGET` on a free loopback port until it is ready; stop it by its PID."""
+    """Run `bentoml serve TARGET` on a free loopback port until it is ready; stop it by its PID.
+    `home`: the BentoML home to serve from (default: one sharing the session's store)."""
     port = free_port()
     log = log_dir / f"serve-{port}.log"
-    command = [str(BIN / "bentoml"), "serve", *target, "--host", "127.0.0.1", "--port", str(port)]
-    env = {**(env or os.environ), "BENTOML_HOME": str(own_home(log_dir / f"home-{port}"))}
+    command = [str(bentoml), "serve", *target, "--host", "127.0.0.1", "--port", str(port)]
+    home = home or own_home(log_dir / f"home-{port}")
+    env = {**(env or os.environ), "BENTOML_HOME": str(home)}
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT

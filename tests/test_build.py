@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import bentoml
@@ -47,6 +48,40 @@ def test_built_bento_serves_from_an_empty_directory(built_bento, examples_dir, t
     empty.mkdir()
     example = sorted(examples_dir.glob("*.jpg"))[0]
     with start_server([str(built_bento.tag)], cwd=empty, log_dir=tmp_path) as server:
+        response = httpx.post(f"{server.url}/classify",
+                              files=[("images", (example.name, example.read_bytes()))], timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["label"] == example.name.split("_")[1]
+
+
+def test_exported_bento_serves_in_a_clean_room(built_bento, examples_dir, tmp_path) -> None:
+    """No source tree, no training code, no torch: a fresh venv with only the bento's own
+    requirements (and our pins), an empty BentoML home, and an empty working directory."""
+    archive = tmp_path / "image-classifier.bento"
+    exported = subprocess.run([str(BIN / "bentoml"), "export", str(built_bento.tag), str(archive)],
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    requirements = Path(built_bento.path) / "env" / "python" / "requirements.txt"
+    installed = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-qq", "--disable-pip-version-check",
+         "-c", str(ROOT / "requirements" / "constraints.txt"), "-r", str(requirements)],
+        capture_output=True, text=True, timeout=900)
+    assert installed.returncode == 0, installed.stderr
+    home, empty = tmp_path / "home", tmp_path / "empty"
+    empty.mkdir()
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "BENTOML_HOME": str(home)}
+    imported = subprocess.run([str(venv / "bin" / "bentoml"), "import", str(archive)], env=env,
+                              cwd=empty, capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    no_torch = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], env=env,
+                              cwd=empty, capture_output=True, text=True)
+    assert "No module named 'torch'" in no_torch.stderr
+    example = sorted(examples_dir.glob("*.png"))[0]
+    with start_server([str(built_bento.tag)], cwd=empty, log_dir=tmp_path, env=env,
+                      bentoml=venv / "bin" / "bentoml", home=home) as server:
         response = httpx.post(f"{server.url}/classify",
                               files=[("images", (example.name, example.read_bytes()))], timeout=30)
     assert response.status_code == 200, response.text
