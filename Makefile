@@ -10,13 +10,15 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build bench bench-gpu soak clean
+.PHONY: help venv model train serve test build container container-smoke bench bench-gpu soak clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
 	@echo "make test    create $(VENV) if needed and run the whole test suite"
 	@echo "make train   train and export a new version of the default model"
 	@echo "make build   bentoml build (the bento carries the model)"
+	@echo "make container        bentoml build + containerize -> image-classifier:latest"
+	@echo "make container-smoke  build, docker run, check it as a user would, clean up"
 	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
 
@@ -46,6 +48,15 @@ test: venv
 
 build: model
 	$(BIN)/bentoml build
+
+# bentoml build + bentoml containerize (a local Debian base where Docker Hub is out of reach).
+container: model
+	$(BIN)/python deploy/container/container.py build
+
+# Build, `docker run --network host`, check /readyz, a prediction, the model tag, a non-root user,
+# no torch and no training code inside; starts (and stops) its own dockerd if none answers.
+container-smoke: model
+	$(BIN)/python deploy/container/container.py smoke
 
 $(BIN)/.bench-installed: $(BIN)/.installed requirements/bench.txt
 	$(PIP_INSTALL) -r requirements/bench.txt

@@ -73,3 +73,14 @@ def test_the_grace_period_covers_the_request_timeout(container, shipped) -> None
     pod = manifests()["Deployment"]["spec"]["template"]["spec"]
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] >= shipped.limits.request_timeout_s + pause
+
+
+def test_the_local_base_bentofile_differs_only_in_its_base_image() -> None:
+    """deploy/container/bentofile.local-base.yaml is for machines without Docker Hub: the same
+    bento, built on a local Debian base."""
+    shipped = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    local = yaml.safe_load((ROOT / "deploy" / "container" / "bentofile.local-base.yaml").read_text())
+    base = local["docker"].pop("base_image")
+    assert local == shipped
+    source = (ROOT / "deploy" / "container" / "container.py").read_text()
+    assert f'LOCAL_BASE = "{base}"' in source
