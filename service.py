@@ -12,25 +12,26 @@ everything the service needs to know about the model.
 import logging
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.datastructures import UploadFile
 
 from serving import settings as configuration
-from serving.admission import Admission, Route, quiet_client_error_tracebacks
+from serving.admission import Admission, admission_routes, quiet_client_error_tracebacks
 from serving.contract import ONNX_FILE, ModelCard
 from serving.errors import RejectedInput, as_validation_error
 from serving.postprocess import to_predictions
 from serving.preprocess import InvalidTensor, decode_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
-from serving.schemas import ModelInfo, Prediction
+from serving.schemas import JobItem, ModelInfo, Prediction
 from serving.uploads import NOT_A_FILE, NotAFile, TooManyImages, refuse_urls_in_file_fields
 
 logger = logging.getLogger("bentoml.image_classifier")
@@ -117,7 +118,22 @@ def _as_array(value: Any, parse_array: ValidatorFunctionWrapHandler) -> np.ndarr
         ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class JobFile:
+    """One upload of an asynchronous job: decoded later, in the job, not while it is parsed."""
+
+    name: str
+    data: bytes
+
+
+def _keep_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) -> JobFile:
+    if not isinstance(upload, UploadFile):
+        raise as_validation_error(NotAFile(NOT_A_FILE))
+    return JobFile(upload.filename or "", upload.file.read())
+
+
 ImageUpload = Annotated[Image.Image, WrapValidator(_decode_upload)]
+JobUpload = Annotated[Image.Image, WrapValidator(_keep_upload)]
 ImageUploads = Annotated[list[ImageUpload], WrapValidator(_count_images)]
 PixelTensor = Annotated[
     np.ndarray,
@@ -194,6 +210,38 @@ class ImageClassifier:
             top_k=SETTINGS.response.top_k,
         )
 
+    @bentoml.task(route="/classify_batch")
+    def classify_batch(self, images: list[JobUpload]) -> Annotated[list[JobItem],
+                                                                   ContentType("application/json")]:
+        """An asynchronous job over many images (up to limits.max_images_per_job).
+        POST /classify_batch/submit with the same multipart form as /classify answers a
+        `task_id` at once; GET /classify_batch/status?task_id=... says when the job is done, and
+        GET /classify_batch/get?task_id=... gives one entry per image, in upload order: its
+        prediction, or the reason it was refused. Runs beside the batcher, one batch at a time."""
+        limit = SETTINGS.limits.max_images_per_job
+        if len(images) > limit:
+            raise BentoMLException(
+                f"{len(images)} images in one job, over the limit of {limit} "
+                "(limits.max_images_per_job): split them into several jobs",
+                error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        items: list[JobItem] = []
+        for start in range(0, len(images), SETTINGS.batching.max_batch_size):
+            items += self._classify_files(images[start:start + SETTINGS.batching.max_batch_size])
+        return items
+
+    def _classify_files(self, files: list[JobFile]) -> list[JobItem]:
+        items, decoded = [], []
+        for upload in files:
+            try:
+                pixels = decode_image(upload.data, INPUT, SETTINGS.limits.max_image_pixels)
+                decoded.append(Pixels(pixels, time.perf_counter()))
+                items.append(JobItem(file=upload.name))
+            except RejectedInput as exc:
+                items.append(JobItem(file=upload.name, error=exc.code, detail=str(exc)))
+        answers = iter(self._predict(decoded) if decoded else [])
+        return [item if item.error else item.model_copy(update={"prediction": next(answers)})
+                for item in items]
+
     def _predict(self, batch: list[Pixels]) -> list[Prediction]:
         """One adaptive batch (images from many requests) -> one runtime call."""
         probabilities, _features = self.runtime.run(np.stack([p.array for p in batch]))
@@ -213,14 +261,15 @@ HOW_TO_SEND = {
                 "(curl -F images=@digit.png)",
     "classify_tensor": f'JSON {{"pixels": [...]}} of shape {INPUT_SHAPES}',
     "model_info": "an empty JSON object {}",
+    "classify_batch": "a multipart form with one file part `images` per image "
+                      "(curl -F images=@a.png -F images=@b.jpg)",
 }
 
 refuse_urls_in_file_fields()
 quiet_client_error_tracebacks()
 ImageClassifier.add_asgi_middleware(
     Admission,
-    routes={api.route: Route(api.input_spec.mime_type(), HOW_TO_SEND[name])
-            for name, api in ImageClassifier.apis.items()},
+    routes=admission_routes(ImageClassifier.apis, HOW_TO_SEND),
     limits=SETTINGS.limits,
     public_paths=SETTINGS.security.public_paths,
     api_key=API_KEY,

@@ -42,10 +42,24 @@ SIZE_LIMIT_KEY = "services.ImageClassifier.image_classifier.limits.max_request_b
 
 @dataclass(frozen=True)
 class Route:
-    """An API route: the one Content-Type it takes and, for error messages, what to send."""
+    """An API route: the one Content-Type it takes and, for error messages, what to send.
+    `timed`: False for a task's submit route, whose job runs on after the answer is sent."""
 
     media_type: str
     how_to_send: str
+    timed: bool = True
+
+
+def admission_routes(apis: dict[str, Any], how_to_send: dict[str, str]) -> dict[str, Route]:
+    """The service's API routes (BentoML APIMethods by name); a task's job is submitted to
+    `<route>/submit`, and BentoML runs it, after answering, inside the same ASGI call."""
+    routes = {}
+    for name, api in apis.items():
+        route = Route(api.input_spec.mime_type(), how_to_send[name])
+        routes[api.route] = route
+        if api.is_task:
+            routes[f"{api.route}/submit"] = Route(route.media_type, route.how_to_send, timed=False)
+    return routes
 
 
 class Admission:
@@ -95,6 +109,8 @@ class Admission:
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         exchange = Exchange(receive, send, self.limits.max_request_bytes, route,
                             self._retry_after())
+        if not route.timed:
+            return await self.app(scope, exchange.receive, exchange.send)
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
                 await self.app(scope, exchange.receive, exchange.send)

@@ -44,6 +44,15 @@ class Prediction(BaseModel):
     )
 
 
+class JobItem(BaseModel):
+    """One image of an asynchronous job: its prediction, or why it was refused."""
+
+    file: str = Field(description="The uploaded file's name.")
+    prediction: Prediction | None = None
+    error: str | None = Field(default=None, description="The refusal's code, e.g. invalid_image.")
+    detail: str | None = Field(default=None, description="What to fix.")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

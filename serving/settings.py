@@ -82,6 +82,11 @@ class LimitsSettings(_Section):
         description="Images (or tensor rows) in one request; more are refused (413). At most "
         "batching.max_batch_size: one request must fit one batch.",
     )
+    max_images_per_job: int = Field(
+        default=1000, gt=0,
+        description="Images in one asynchronous job (/classify_batch/submit); the body is "
+        "still bounded by max_request_bytes.",
+    )
     request_timeout_s: float = Field(
         default=30.0, gt=0,
         description="A request not answered in this time gets 504; also bounds how long a "
