@@ -84,3 +84,17 @@ def test_the_local_base_bentofile_differs_only_in_its_base_image() -> None:
     assert local == shipped
     source = (ROOT / "deploy" / "container" / "container.py").read_text()
     assert f'LOCAL_BASE = "{base}"' in source
+
+
+def test_the_gpu_bentofile_adds_only_cuda_libraries_and_the_gpu_configuration() -> None:
+    shipped = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    gpu = yaml.safe_load((ROOT / "deploy" / "container" / "bentofile.gpu.yaml").read_text())
+    assert gpu.pop("name") == shipped.pop("name") + "-gpu"
+    assert set(gpu["include"]) - set(shipped["include"]) == {"configuration.gpu.yaml"}
+    gpu_requirements = ROOT / gpu["python"]["requirements_txt"]
+    assert gpu_requirements.read_text().count("-r serving.txt") == 1
+    assert "onnxruntime-gpu[cuda,cudnn]" in gpu_requirements.read_text()
+    for key in ("include", "python"):
+        gpu.pop(key), shipped.pop(key)
+    assert gpu == shipped
+    settings.parse_settings(settings.read_config_file(ROOT / "configuration.gpu.yaml"))
