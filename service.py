@@ -18,11 +18,12 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, NotFound
+from bentoml.exceptions import NotFound
 from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse
 
 from serving import settings as configuration
 from serving.admission import Admission, admission_routes, quiet_client_error_tracebacks
@@ -149,6 +150,7 @@ PixelTensor = Annotated[
 # Declaring the media type spares BentoML 1.4.39 from regenerating the output's JSON schema on every
 # response to find it (14% of the event loop's time under load, measured with py-spy).
 Predictions = Annotated[list[Prediction], ContentType("application/json")]
+JobResults = Annotated[list[JobItem], ContentType("application/json")]
 
 BATCHING = dict(
     batchable=True,
@@ -211,19 +213,18 @@ class ImageClassifier:
         )
 
     @bentoml.task(route="/classify_batch")
-    def classify_batch(self, images: list[JobUpload]) -> Annotated[list[JobItem],
-                                                                   ContentType("application/json")]:
+    def classify_batch(self, images: list[JobUpload]) -> JobResults:
         """An asynchronous job over many images (up to limits.max_images_per_job).
         POST /classify_batch/submit with the same multipart form as /classify answers a
         `task_id` at once; GET /classify_batch/status?task_id=... says when the job is done, and
         GET /classify_batch/get?task_id=... gives one entry per image, in upload order: its
         prediction, or the reason it was refused. Runs beside the batcher, one batch at a time."""
         limit = SETTINGS.limits.max_images_per_job
-        if len(images) > limit:
-            raise BentoMLException(
+        if len(images) > limit:  # the job fails with our body; its status says so
+            return JSONResponse({"error": "too_many_images", "detail": (
                 f"{len(images)} images in one job, over the limit of {limit} "
-                "(limits.max_images_per_job): split them into several jobs",
-                error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                "(limits.max_images_per_job): split them into several jobs")},
+                status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         items: list[JobItem] = []
         for start in range(0, len(images), SETTINGS.batching.max_batch_size):
             items += self._classify_files(images[start:start + SETTINGS.batching.max_batch_size])

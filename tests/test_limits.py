@@ -27,7 +27,7 @@ from tests.helpers import (
 
 API_KEY = "test-key-" + "x" * 24
 EXAMPLE = ROOT / "examples" / "digit_7_00.png"
-LIMITS = {"max_request_bytes": 1_000_000, "max_images_per_request": 4,
+LIMITS = {"max_request_bytes": 1_000_000, "max_images_per_request": 4, "max_images_per_job": 6,
           "max_concurrency": 4, "request_timeout_s": 3}
 ORIGIN = "https://app.example"
 
@@ -156,6 +156,23 @@ def test_more_images_than_allowed_in_one_request(strict) -> None:
     files = [("images", ("7.png", EXAMPLE.read_bytes(), "image/png"))] * 5
     response = httpx.post(f"{strict.url}/classify", files=files, headers=auth())
     assert response.status_code == 413 and response.json()["error"] == "too_many_images"
+
+
+def test_a_job_over_its_image_limit_fails_with_the_reason(strict) -> None:
+    files = [("images", ("7.png", EXAMPLE.read_bytes(), "image/png"))] * 7
+    task_id = httpx.post(f"{strict.url}/classify_batch/submit", files=files,
+                         headers=auth()).json()["task_id"]
+    deadline, status = time.monotonic() + 60, "in_progress"
+    while status == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = httpx.get(f"{strict.url}/classify_batch/status", params={"task_id": task_id},
+                           headers=auth()).json()["status"]
+    assert status == "failed"
+    result = httpx.get(f"{strict.url}/classify_batch/get", params={"task_id": task_id},
+                       headers=auth())
+    assert result.status_code == 413
+    assert result.json()["error"] == "too_many_images" and "over the limit of 6" in \
+        result.json()["detail"]
 
 
 # --- timeout and concurrency ----------------------------------------------------------------
