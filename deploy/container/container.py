@@ -243,10 +243,12 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["build", "smoke"])
     args = parser.parse_args()
+    started = time.monotonic()
     with docker_engine():
         image, tag = build_image()
         if args.command == "smoke":
             smoke(image, tag)
+    log(f"{args.command} done in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":
