@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import httpx
 from bentoml.exceptions import BentoMLException
 from tqdm import tqdm
 
@@ -41,7 +42,7 @@ def run_each(todo: list[Path], classify: Callable[[Path], dict[str, Any]], outpu
             try:
                 output.write(row(path, future.result()))
                 answered += 1
-            except (BentoMLException, OSError) as exc:
+            except (BentoMLException, httpx.HTTPError, OSError) as exc:  # this file only
                 output.fail(path, reason_of(exc))
             bar.update()
     return answered, output.failures
