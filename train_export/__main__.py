@@ -1,7 +1,7 @@
 """`python -m train_export`: train the default digits classifier and save it to the model store.
 
-`python -m train_export import-pickle ...`: store a model saved with torch.save(model) instead
-(train_export/pickled.py; `--help` after the subcommand lists its options).
+`python -m train_export import-pickle|import-torchvision ...`: store your own model instead
+(train_export/imports.py; `--help` after the subcommand lists its options).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         prog="python -m train_export",
         description="Train a classifier on scikit-learn's embedded 8x8 digits, export ONNX and "
         "TorchScript, check parity and save everything serving needs to the BentoML model store "
-        "($BENTOML_HOME/models). To store a model saved with torch.save(model) instead: "
-        "python -m train_export import-pickle --help.",
+        "($BENTOML_HOME/models). To store your own model instead: "
+        "python -m train_export import-pickle --help (a torch.save(model) file) or "
+        "import-torchvision --help (an architecture and a state_dict).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in fields(TrainConfig):
@@ -59,11 +60,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["import-pickle"]:
-        from .pickled import import_pickle
-        from .pickled import parse_args as parse_import_args
+    if argv[:1] and argv[0] in ("import-pickle", "import-torchvision"):
+        from .imports import import_model
+        from .imports import parse_args as parse_import_args
 
-        import_pickle(parse_import_args(argv[1:]))
+        import_model(parse_import_args(argv[0], argv[1:]))
         return
     from .pipeline import train_and_export  # torch is imported only once the arguments are good
 

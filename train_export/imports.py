@@ -1,0 +1,180 @@
+"""Bring your own model: `python -m train_export import-pickle | import-torchvision ...`.
+
+- import-pickle: a model saved whole with `torch.save(model)`. Such a file holds a reference to
+  its class (`tasks.detection.model.Net`), not the class: loading it anywhere that package is not
+  importable fails with `ModuleNotFoundError: No module named 'tasks'`. Here the package is put on
+  the path only while loading (`--code-path`).
+- import-torchvision: a torchvision architecture and a `state_dict` checkpoint.
+
+Either way the model is exported to ONNX and TorchScript graphs that need none of its code,
+checked for parity, and stored with its labels, input spec and lineage like our own exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from serving.contract import GraphSpec, InputSpec, ModelCard, Parity, sha256_of
+
+from .export import ServingWrapper, check_head_split, export_all
+from .models import split_head
+from .store import library_versions, save_to_store
+
+PARITY_SAMPLES = 64  # random images: an imported model comes without its data
+
+
+def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m train_export {command}",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command == "import-pickle":
+        parser.add_argument("--model", type=Path, required=True,
+                            help="the torch.save(model) file")
+        parser.add_argument("--code-path", type=Path, action="append", default=[],
+                            help="a folder from which the model's package is importable (repeat "
+                            "for several); needed only here, never by the service")
+    else:
+        parser.add_argument("--architecture", required=True,
+                            help="a torchvision.models classifier, e.g. resnet18")
+        parser.add_argument("--checkpoint", type=Path, required=True,
+                            help="its state_dict (also accepted: a dict holding it under "
+                            "'state_dict' or 'model'; a 'module.' prefix is removed)")
+    parser.add_argument("--labels", type=Path, required=True,
+                        help="class names, one per line, in the model's output order")
+    parser.add_argument("--name", required=True, help="model name in the BentoML store")
+    parser.add_argument("--spec", type=Path,
+                        help="a JSON or YAML file with any of the options below (input_size, "
+                        "color_mode, mean, std, polarity); options given here win")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument("--color-mode", choices=["L", "RGB"])
+    parser.add_argument("--mean", type=float, nargs="+")
+    parser.add_argument("--std", type=float, nargs="+")
+    parser.add_argument("--polarity", choices=["natural", "light_on_dark", "dark_on_light"],
+                        help="what transparent pixels become: black for light_on_dark (ink on "
+                        "a dark background), white otherwise")
+    parser.add_argument("--parity-tolerance", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    args.command = command
+    return args
+
+
+def input_spec(args: argparse.Namespace) -> InputSpec:
+    """Options, over the --spec file, over ImageNet's RGB defaults."""
+    import yaml
+
+    values = {"color_mode": "RGB", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+              "polarity": "natural"}
+    if args.spec is not None:
+        values.update(yaml.safe_load(args.spec.read_text()) or {})  # YAML reads JSON too
+    values.update({k: getattr(args, k) for k in ("input_size", "color_mode", "mean", "std",
+                                                 "polarity") if getattr(args, k) is not None})
+    if "input_size" not in values:
+        raise SystemExit("give the model's input size: --input-size HEIGHT WIDTH (or input_size "
+                         "in --spec)")
+    height, width = values["input_size"]
+    channels = 1 if values["color_mode"] == "L" else 3
+    if len(values["mean"]) != channels or len(values["std"]) != channels:
+        raise SystemExit(f"mean and std need {channels} values for color mode "
+                         f"{values['color_mode']}")
+    return InputSpec(height=height, width=width, channels=channels,
+                     color_mode=values["color_mode"], resize="bilinear",
+                     polarity=values["polarity"], mean=tuple(values["mean"]),
+                     std=tuple(values["std"]))
+
+
+@contextmanager
+def importable(code_paths: list[Path]) -> Iterator[None]:
+    """The user's packages on sys.path for as long as the pickle is being loaded."""
+    added = [str(p.resolve()) for p in code_paths]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for path in added:
+            sys.path.remove(path)
+
+
+def load_pickled(path: Path, code_paths: list[Path]) -> nn.Module:
+    with importable(code_paths):
+        try:
+            # weights_only=False: a whole pickled model is code; load only files you trust.
+            model = torch.load(path, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as exc:
+            raise SystemExit(
+                f"{path} needs the module {exc.name!r} to load: pass --code-path DIR, where DIR "
+                f"is the folder that contains the package {exc.name.split('.')[0]!r}"
+            ) from None
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"{path} holds a {type(model).__name__}, not a torch.nn.Module: for a "
+                         "state_dict use the torchvision import")
+    return model.eval()
+
+
+def load_torchvision(architecture: str, checkpoint: Path, classes: int) -> nn.Module:
+    from .models import build_model
+
+    model = build_model(architecture, classes, in_channels=3)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SystemExit(f"{checkpoint} does not fit {architecture} with {classes} classes (one "
+                         f"per line of --labels):\n{exc}") from None
+    return model.eval()
+
+
+def import_model(args: argparse.Namespace) -> str:
+    started = time.perf_counter()
+    labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
+    spec = input_spec(args)
+    if args.command == "import-pickle":
+        model = load_pickled(args.model, args.code_path)
+        source = {"source": "torch.save(model)", "file": args.model.name,
+                  "file_sha256": sha256_of(args.model)}
+        architecture = f"{type(model).__module__}.{type(model).__qualname__}"
+    else:
+        model = load_torchvision(args.architecture, args.checkpoint, len(labels))
+        source = {"source": "torchvision state_dict", "file": args.checkpoint.name,
+                  "file_sha256": sha256_of(args.checkpoint)}
+        architecture = args.architecture
+    sample = np.random.default_rng(0).integers(0, 256, (PARITY_SAMPLES, *spec.shape), np.uint8)
+    backbone, head = split_head(model)
+    if head.out_features != len(labels):
+        raise SystemExit(f"the model has {head.out_features} outputs and {args.labels} has "
+                         f"{len(labels)} labels: they must match, in output order")
+    wrapper = ServingWrapper(backbone, head, spec.mean, spec.std).eval()
+    check_head_split(model, wrapper, torch.from_numpy(sample[:8]))
+    with torch.no_grad():
+        _, features = wrapper(torch.from_numpy(sample[:1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts, parity = export_all(wrapper, sample, Path(tmp), args.parity_tolerance)
+        card = ModelCard(
+            name=args.name,
+            architecture=architecture,
+            labels=labels,
+            input=spec,
+            graph=GraphSpec(feature_dim=int(features.shape[1])),
+            parity=Parity(**vars(parity)),
+            lineage={**source, "parity_data": f"{PARITY_SAMPLES} random images",
+                     "versions": library_versions()},
+        )
+        tag = save_to_store(card, artifacts, store_labels={
+            "task": "image-classification", "source": args.command.removeprefix("import-")})
+    print(json.dumps({"tag": tag, "parity": vars(parity),
+                      "seconds": round(time.perf_counter() - started, 1)}))
+    return tag
