@@ -12,7 +12,6 @@ everything the service needs to know about the model.
 import logging
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +22,12 @@ from bentoml.validators import ContentType
 from PIL import Image
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.datastructures import UploadFile
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from serving import settings as configuration
 from serving.admission import Admission, admission_routes, quiet_client_error_tracebacks
 from serving.contract import ONNX_FILE, ModelCard
-from serving.errors import RejectedInput, as_validation_error
+from serving.errors import STATUS, RejectedInput, as_validation_error, error_body
 from serving.postprocess import to_predictions
 from serving.preprocess import InvalidTensor, decode_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
@@ -84,11 +83,11 @@ def _decode_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) 
         raise as_validation_error(exc) from None
 
 
-def _check_image_count(count: int) -> None:
-    limit = SETTINGS.limits.max_images_per_request
+def _check_image_count(count: int, per: str = "request") -> None:
+    limit = getattr(SETTINGS.limits, f"max_images_per_{per}")
     if count > limit:
-        raise TooManyImages(f"{count} images in one request, over the limit of {limit} "
-                            "(limits.max_images_per_request): send them in several requests")
+        raise TooManyImages(f"{count} images in one {per}, over the limit of {limit} "
+                            f"(limits.max_images_per_{per}): send them in several {per}s")
 
 
 def _count_images(uploads: Any, validate_each: ValidatorFunctionWrapHandler) -> list[Pixels]:
@@ -219,12 +218,11 @@ class ImageClassifier:
         `task_id` at once; GET /classify_batch/status?task_id=... says when the job is done, and
         GET /classify_batch/get?task_id=... gives one entry per image, in upload order: its
         prediction, or the reason it was refused. Runs beside the batcher, one batch at a time."""
-        limit = SETTINGS.limits.max_images_per_job
-        if len(images) > limit:  # the job fails with our body; its status says so
-            return JSONResponse({"error": "too_many_images", "detail": (
-                f"{len(images)} images in one job, over the limit of {limit} "
-                "(limits.max_images_per_job): split them into several jobs")},
-                status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        try:
+            _check_image_count(len(images), per="job")
+        except RejectedInput as exc:  # the job fails with our body; its status says so
+            return Response(error_body(exc.code, str(exc)), status_code=STATUS[exc.code],
+                            media_type="application/json")
         items: list[JobItem] = []
         for start in range(0, len(images), SETTINGS.batching.max_batch_size):
             items += self._classify_files(images[start:start + SETTINGS.batching.max_batch_size])

@@ -143,9 +143,7 @@ class Admission:
                     f"send {route.how_to_send}")
         if length.isdigit() and int(length) > self.limits.max_request_bytes:
             return ("request_too_large",
-                    f"the body is {int(length)} bytes, over the limit of "
-                    f"{self.limits.max_request_bytes} ({SIZE_LIMIT_KEY}): send fewer or "
-                    "smaller images")
+                    body_too_large(f"{int(length)} bytes", self.limits.max_request_bytes))
         return None
 
     def _retry_after(self) -> list[tuple[bytes, bytes]]:
@@ -193,9 +191,8 @@ class Exchange:
 
     def _reshape(self, status: int, body: bytes) -> tuple[str, str, list[tuple[bytes, bytes]]]:
         if self.too_large:
-            return ("request_too_large",
-                    f"the body is over the limit of {self.max_bytes} bytes ({SIZE_LIMIT_KEY}): "
-                    "send fewer or smaller images", [])
+            return ("request_too_large", body_too_large(f"over {self.max_bytes} bytes",
+                                                        self.max_bytes), [])
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
             return ("method_not_allowed", f"use POST with {self.route.how_to_send}", [])
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
@@ -233,6 +230,11 @@ async def refuse(
                     (b"content-length", str(len(body)).encode()), *(headers or [])],
     })
     await send({"type": "http.response.body", "body": body})
+
+
+def body_too_large(size: str, limit: int) -> str:
+    return (f"the body is {size}, over the limit of {limit} bytes ({SIZE_LIMIT_KEY}): send "
+            "fewer or smaller images")
 
 
 def header(scope: Scope, name: bytes) -> str:

@@ -1,8 +1,9 @@
 """The service's own Prometheus metrics, next to BentoML's at /metrics.
 
-Created on first use, in the worker process: prometheus_client picks its multiprocess mode when it
-is imported, and BentoML sets PROMETHEUS_MULTIPROC_DIR in a worker only after service.py has been
-imported. Imported earlier, the counters would live in one process and never reach /metrics.
+Created on first use, while a worker answers a request: prometheus_client picks single- or
+multi-process mode when it is imported, and only in a worker is PROMETHEUS_MULTIPROC_DIR sure to be
+set (service.py is also imported by the `bentoml serve` parent and by `bentoml build`). A counter
+created in single-process mode would never reach /metrics, which sums the workers' files.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -79,7 +79,7 @@ class Case:
     status: int
     code: str = ""
     detail: str = ""
-    answers: int = field(default=1)  # valid cases: predictions expected
+    answers: int = 1  # valid cases: predictions expected
 
 
 TRUNCATED_JPEG = lambda: image_bytes(digit(64).convert("RGB"), "JPEG")[:300]  # noqa: E731

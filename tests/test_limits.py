@@ -8,7 +8,6 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from tests.helpers import (
     metric_total,
     multipart_body,
     open_request,
+    python,
     read_response,
     start_server,
 )
@@ -245,9 +245,7 @@ def test_every_limit_is_counted_in_metrics(strict) -> None:
                             http_response_code=status) > 0, status
 
 
-def test_a_short_api_key_stops_startup(trained_model: str, tmp_path: Path) -> None:
-    from tests.helpers import python
-
+def test_a_short_api_key_stops_startup(trained_model: str) -> None:
     env = {**os.environ, "IMAGE_CLASSIFIER_API_KEY": "short"}
     result = python("-c", "import service", env=env)
     assert result.returncode != 0
