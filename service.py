@@ -11,6 +11,7 @@ everything the service needs to know about the model.
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapV
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
+from serving import metrics
 from serving import settings as configuration
 from serving.admission import Admission, admission_routes, quiet_client_error_tracebacks
 from serving.contract import ONNX_FILE, ModelCard
@@ -31,30 +33,62 @@ from serving.errors import STATUS, RejectedInput, as_validation_error, error_bod
 from serving.postprocess import to_predictions
 from serving.preprocess import InvalidTensor, decode_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
-from serving.schemas import JobItem, ModelInfo, Prediction
+from serving.routing import Router
+from serving.schemas import JobItem, ModelInfo, Prediction, VariantInfo
+from serving.shadow import Shadow
 from serving.uploads import NOT_A_FILE, NotAFile, TooManyImages, refuse_urls_in_file_fields
 
 logger = logging.getLogger("bentoml.image_classifier")
 
 SETTINGS, BENTOML_SERVICE_CONFIG = configuration.load()
 API_KEY = SETTINGS.api_key()
-MODEL = bentoml.models.BentoModel(SETTINGS.model.tag)
+# Every model the configuration names, by tag: `bentoml build` packs them all (class attributes
+# below), so a container holds its variants, its shadow and its rollback targets.
+MODELS = {tag: bentoml.models.BentoModel(tag) for tag in SETTINGS.packed_tags()}
 
 
-def read_model_card() -> ModelCard:
-    stored = MODEL.stored
+@dataclass(frozen=True)
+class StoreEntry:
+    """A model as the store holds it: its exact tag (never `latest`), card and directory."""
+
+    tag: str
+    card: ModelCard
+    path: Path
+
+
+def read_store_entry(tag: str) -> StoreEntry:
+    stored = MODELS[tag].stored
     if stored is None:
         raise NotFound(
-            f"model {SETTINGS.model.tag!r} is not in the BentoML model store: train and export "
-            "it with `make train` (or `python -m train_export`), or set image_classifier.model.tag "
-            "in configuration.yaml to a tag that `bentoml models list` shows."
+            f"model {tag!r} is not in the BentoML model store: train and export it with "
+            "`make train` (or `python -m train_export`), or set image_classifier.model.tag (or "
+            f"rollout.variants, or ${configuration.MODEL_TAG_ENV}) to a tag that "
+            "`bentoml models list` shows."
         )
     card = ModelCard.read(Path(stored.path))
     card.verify(Path(stored.path), str(stored.tag))  # a damaged entry stops startup here
-    return card
+    return StoreEntry(str(stored.tag), card, Path(stored.path))
 
 
-CARD = read_model_card()
+def check_interchangeable(entries: list[StoreEntry]) -> None:
+    """Variants and the shadow answer the same API, so they must agree on labels and input."""
+    first = entries[0]
+    for other in entries[1:]:
+        for field, what in (("labels", "labels"), ("input", "input spec")):
+            if getattr(other.card, field) != getattr(first.card, field):
+                raise configuration.ConfigurationError(
+                    f"models {first.tag} and {other.tag} differ in their {what}: variants and "
+                    "the shadow must be interchangeable. Serve models with different "
+                    "labels or input sizes as separate deployments."
+                )
+
+
+VARIANTS = SETTINGS.served_variants()
+SERVED = [read_store_entry(v.tag) for v in VARIANTS]
+SHADOW = read_store_entry(SETTINGS.rollout.shadow.tag) if SETTINGS.rollout.shadow else None
+check_interchangeable(SERVED + ([SHADOW] if SHADOW else []))
+ROUTER = Router([v.weight for v in VARIANTS], SETTINGS.rollout.sticky_headers)
+CARD = SERVED[0].card  # labels and input spec: the same for every variant
 INPUT = CARD.input
 INPUT_SHAPES = (f"(N, {INPUT.height}, {INPUT.width}) or " if INPUT.channels == 1 else "") + (
     f"(N, {INPUT.height}, {INPUT.width}, {INPUT.channels})"
@@ -67,6 +101,19 @@ class Pixels:
 
     array: np.ndarray
     received_at: float
+    variant: int  # index into VARIANTS: the model that answers it
+
+
+def _route() -> int:
+    """The variant of the request being parsed; chosen and counted once per request."""
+    try:
+        request = ImageClassifier.context.request  # BentoML's contextvar for this request
+    except LookupError:  # called outside an HTTP request (a local call)
+        return ROUTER.choose(None)
+    index, chosen_now = ROUTER.for_request(request)
+    if chosen_now:
+        metrics.routed_requests().labels(SERVED[index].tag).inc()
+    return index
 
 
 def _decode_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) -> Pixels:
@@ -78,7 +125,7 @@ def _decode_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) 
         raise as_validation_error(NotAFile(NOT_A_FILE))
     limit = SETTINGS.limits.max_image_pixels
     try:
-        return Pixels(decode_image(upload.file, INPUT, limit), received_at)
+        return Pixels(decode_image(upload.file, INPUT, limit), received_at, _route())
     except RejectedInput as exc:
         raise as_validation_error(exc) from None
 
@@ -106,7 +153,8 @@ def _validate_tensor(array: Any, parse_array: ValidatorFunctionWrapHandler) -> l
         _check_image_count(len(rows))  # after the shape check, which says what N is
     except RejectedInput as exc:
         raise as_validation_error(exc) from None
-    return [Pixels(image, received_at) for image in rows]
+    variant = _route()
+    return [Pixels(image, received_at, variant) for image in rows]
 
 
 def _as_array(value: Any, parse_array: ValidatorFunctionWrapHandler) -> np.ndarray:
@@ -124,12 +172,13 @@ class JobFile:
 
     name: str
     data: bytes
+    variant: int
 
 
 def _keep_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) -> JobFile:
     if not isinstance(upload, UploadFile):
         raise as_validation_error(NotAFile(NOT_A_FILE))
-    return JobFile(upload.filename or "", upload.file.read())
+    return JobFile(upload.filename or "", upload.file.read(), _route())
 
 
 ImageUpload = Annotated[Image.Image, WrapValidator(_decode_upload)]
@@ -158,27 +207,41 @@ BATCHING = dict(
 )
 
 
-@bentoml.service(**BENTOML_SERVICE_CONFIG)
 class ImageClassifier:
-    """Image classification with an ONNX graph from the BentoML model store."""
-
-    model = MODEL
+    """Image classification with ONNX graphs from the BentoML model store."""
 
     def __init__(self) -> None:
         self.card = CARD
-        self.tag = str(self.model.tag)
-        self.runtime = OnnxRuntime(
-            Path(self.model.path_of(ONNX_FILE)),
-            self.card.input,
-            self.card.graph,
+        self.runtimes = [self._load(entry) for entry in SERVED]
+        self.shadow = None
+        if SHADOW is not None:
+            shadow = SETTINGS.rollout.shadow
+            # One thread: the shadow's session runs on its own (low-priority) thread only.
+            self.shadow = Shadow(self._load(SHADOW, intra_op_threads=1), SHADOW.tag,
+                                 shadow.fraction, shadow.queue_batches)
+        for variant, entry in zip(VARIANTS, SERVED):
+            metrics.model_info().labels(entry.tag, "variant", f"{variant.weight:g}").set(1)
+            logger.info("Serving %s (weight %g) on %s", entry.tag, variant.weight,
+                        self.runtimes[0].active_provider)
+        if SHADOW is not None:
+            metrics.model_info().labels(SHADOW.tag, "shadow", "0").set(1)
+            logger.info("Shadowing with %s on %.0f%% of images", SHADOW.tag,
+                        100 * SETTINGS.rollout.shadow.fraction)
+
+    @staticmethod
+    def _load(entry: StoreEntry, intra_op_threads: int | None = None) -> OnnxRuntime:
+        return OnnxRuntime(
+            entry.path / ONNX_FILE,
+            entry.card.input,
+            entry.card.graph,
             providers=SETTINGS.model.providers,
-            intra_op_threads=SETTINGS.model.intra_op_threads,
+            intra_op_threads=SETTINGS.model.intra_op_threads
+            if intra_op_threads is None else intra_op_threads,
         )
-        logger.info("Serving %s on %s", self.tag, self.runtime.active_provider)
 
     def __is_ready__(self) -> bool:
         # __init__ has loaded the graph and run a warm-up batch by the time this is asked.
-        return self.runtime is not None
+        return bool(self.runtimes)
 
     @bentoml.api(route="/classify", **BATCHING)
     def classify(self, images: ImageUploads) -> Predictions:
@@ -193,19 +256,27 @@ class ImageClassifier:
         return self._predict(pixels)
 
     @bentoml.api(route="/model_info")
-    def model_info(self) -> Annotated[ModelInfo, ContentType("application/json")]:
-        """The served model: tag, labels, input spec, execution provider, parity, accuracy."""
+    def model_info(
+        self, context: bentoml.Context
+    ) -> Annotated[ModelInfo, ContentType("application/json")]:
+        """The model that answers this caller (routing headers apply as on /classify): tag,
+        labels, input spec, execution provider, parity, accuracy; and every variant served."""
+        index, _ = ROUTER.for_request(context.request)
+        entry, runtime = SERVED[index], self.runtimes[index]
         return ModelInfo(
-            tag=self.tag,
-            architecture=self.card.architecture,
-            labels=self.card.labels,
-            input=self.card.input,
-            active_provider=self.runtime.active_provider,
-            providers=self.runtime.providers,
+            tag=entry.tag,
+            architecture=entry.card.architecture,
+            labels=entry.card.labels,
+            input=entry.card.input,
+            active_provider=runtime.active_provider,
+            providers=runtime.providers,
             gpu_available=gpu_available(),
-            parity=self.card.parity,
-            accuracy=self.card.accuracy,
-            lineage=self.card.lineage,
+            parity=entry.card.parity,
+            accuracy=entry.card.accuracy,
+            class_accuracy=entry.card.class_accuracy,
+            lineage=entry.card.lineage,
+            variants=[VariantInfo(tag=e.tag, weight=v.weight) for v, e in zip(VARIANTS, SERVED)],
+            shadow=SHADOW.tag if SHADOW else None,
             max_batch_size=SETTINGS.batching.max_batch_size,
             max_latency_ms=SETTINGS.batching.max_latency_ms,
             top_k=SETTINGS.response.top_k,
@@ -233,7 +304,7 @@ class ImageClassifier:
         for upload in files:
             try:
                 pixels = decode_image(upload.data, INPUT, SETTINGS.limits.max_image_pixels)
-                decoded.append(Pixels(pixels, time.perf_counter()))
+                decoded.append(Pixels(pixels, time.perf_counter(), upload.variant))
                 items.append(JobItem(file=upload.name))
             except RejectedInput as exc:
                 items.append(JobItem(file=upload.name, error=exc.code, detail=str(exc)))
@@ -242,17 +313,44 @@ class ImageClassifier:
                 for item in items]
 
     def _predict(self, batch: list[Pixels]) -> list[Prediction]:
-        """One adaptive batch (images from many requests) -> one runtime call."""
-        probabilities, _features = self.runtime.run(np.stack([p.array for p in batch]))
+        """One adaptive batch (images from many requests) -> one runtime call per variant."""
+        pixels = np.stack([p.array for p in batch])
+        variants = np.fromiter((p.variant for p in batch), np.intp, len(batch))
+        probabilities = self._run_variants(pixels, variants)
         done = time.perf_counter()
-        return to_predictions(
-            probabilities,
-            self.card.labels,
-            SETTINGS.response.top_k,
-            self.tag,
-            [(done - p.received_at) * 1000.0 for p in batch],
-        )
+        tags = [SERVED[i].tag for i in variants]
+        seconds = [done - p.received_at for p in batch]
+        predictions = to_predictions(probabilities, self.card.labels, SETTINGS.response.top_k,
+                                     tags, [s * 1000.0 for s in seconds])
+        record_answers(predictions, seconds)
+        if self.shadow is not None:
+            self.shadow.offer(pixels, np.array([p.class_id for p in predictions]), tags)
+        return predictions
 
+    def _run_variants(self, pixels: np.ndarray, variants: np.ndarray) -> np.ndarray:
+        if ROUTER.single or (variants == variants[0]).all():  # the common case: no copies
+            return self.runtimes[variants[0]].run(pixels)[0]
+        probabilities = np.empty((len(pixels), len(self.card.labels)), np.float32)
+        for index in np.unique(variants):
+            rows = np.flatnonzero(variants == index)
+            probabilities[rows] = self.runtimes[index].run(pixels[rows])[0]
+        return probabilities
+
+
+def record_answers(predictions: list[Prediction], seconds: list[float]) -> None:
+    """Per model: answers by class, their confidence and their latency."""
+    by_class = Counter((p.model, p.label) for p in predictions)
+    for (model, label), count in by_class.items():
+        metrics.predictions().labels(model, label).inc(count)
+    for prediction, elapsed in zip(predictions, seconds):
+        metrics.confidence().labels(prediction.model).observe(prediction.confidence)
+        metrics.processing_seconds().labels(prediction.model).observe(elapsed)
+
+
+# `bentoml build` packs the models named by the service's class attributes: one per tag.
+for _number, _model in enumerate(MODELS.values()):
+    setattr(ImageClassifier, f"model_{_number}", _model)
+ImageClassifier = bentoml.service(**BENTOML_SERVICE_CONFIG)(ImageClassifier)
 
 # What each API takes, for the answers that refuse a wrong Content-Type or a missing field.
 HOW_TO_SEND = {

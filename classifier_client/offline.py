@@ -41,7 +41,7 @@ def classify_folder_offline(tag: str, folder: Path, out: Path, *, max_pixels: in
             if not decoded:
                 continue
             probabilities, _ = runtime.run(np.stack([pixels for _, pixels in decoded]))
-            answers = to_predictions(probabilities, card.labels, 1, str(stored.tag),
+            answers = to_predictions(probabilities, card.labels, 1, [str(stored.tag)] * len(decoded),
                                      [0.0] * len(decoded))
             for (path, _), answer in zip(decoded, answers):
                 output.write(row(path, answer.model_dump()))

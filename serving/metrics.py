@@ -1,9 +1,13 @@
 """The service's own Prometheus metrics, next to BentoML's at /metrics.
 
-Created on first use, while a worker answers a request: prometheus_client picks single- or
-multi-process mode when it is imported, and only in a worker is PROMETHEUS_MULTIPROC_DIR sure to be
-set (service.py is also imported by the `bentoml serve` parent and by `bentoml build`). A counter
-created in single-process mode would never reach /metrics, which sums the workers' files.
+Created on first use, in a worker: prometheus_client picks single- or multi-process mode when it is
+imported, and only in a worker is PROMETHEUS_MULTIPROC_DIR sure to be set (service.py is also
+imported by the `bentoml serve` parent and by `bentoml build`). A metric created in single-process
+mode would never reach /metrics, which sums the workers' files. (BentoML's own `bentoml.metrics`
+does the same deferral but is deprecated in 1.4 in favour of prometheus_client.)
+
+Every metric about answers carries `model`, the tag that produced them, so that variants and a
+shadow can be compared side by side.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Gauge, Histogram
 
 NAMESPACE = "image_classifier"
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Milliseconds to seconds: from one small image on a GPU to a large batch on a busy CPU.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @functools.cache
@@ -26,5 +33,107 @@ def rejected_requests() -> Counter:
         "Requests refused before or instead of a prediction, by reason (the `error` code of "
         "the answer) and HTTP status.",
         labelnames=["reason", "status"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
+def model_info() -> Gauge:
+    from prometheus_client import Gauge
+
+    return Gauge(
+        "model_info",
+        "1 for each model this service loaded: role `variant` (answers, with its `weight`) or "
+        "`shadow` (compared, never answers).",
+        labelnames=["model", "role", "weight"],
+        namespace=NAMESPACE,
+        multiprocess_mode="max",
+    )
+
+
+@functools.cache
+def routed_requests() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "routed_requests",
+        "Requests routed to each variant (once per request, however many images it has).",
+        labelnames=["model"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
+def predictions() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "predictions",
+        "Images answered, by model and predicted class.",
+        labelnames=["model", "label"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
+def confidence() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "confidence",
+        "Probability of the predicted class, per image.",
+        labelnames=["model"],
+        namespace=NAMESPACE,
+        buckets=CONFIDENCE_BUCKETS,
+    )
+
+
+@functools.cache
+def processing_seconds() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "processing_seconds",
+        "Per image, from receiving it to its answer (decode, batching wait, inference).",
+        labelnames=["model"],
+        namespace=NAMESPACE,
+        buckets=LATENCY_BUCKETS,
+    )
+
+
+@functools.cache
+def shadow_comparisons() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "shadow_comparisons",
+        "Images the shadow model classified, by whether its top class agreed with the answer "
+        "that was served (agreement rate = agree=\"true\" / all).",
+        labelnames=["model", "shadow", "agree"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
+def shadow_seconds() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "shadow_inference_seconds",
+        "Time the shadow model took per batch (its own thread, off the request path).",
+        labelnames=["shadow"],
+        namespace=NAMESPACE,
+        buckets=LATENCY_BUCKETS,
+    )
+
+
+@functools.cache
+def shadow_dropped() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "shadow_dropped",
+        "Images not copied to the shadow because it was still busy with earlier ones.",
+        labelnames=["shadow"],
         namespace=NAMESPACE,
     )

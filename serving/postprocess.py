@@ -20,11 +20,13 @@ def to_predictions(
     probabilities: np.ndarray,
     labels: Sequence[str],
     k: int,
-    model_tag: str,
+    models: Sequence[str],
     processing_ms: Sequence[float],
 ) -> list[Prediction]:
+    """One Prediction per row; `models[i]` is the tag of the model that produced row i."""
     predictions = []
-    for row, order, elapsed in zip(probabilities, top_k_indices(probabilities, k), processing_ms):
+    rows = zip(probabilities, top_k_indices(probabilities, k), models, processing_ms)
+    for row, order, model_tag, elapsed in rows:
         scores = [
             ClassScore(label=labels[i], class_id=int(i), probability=float(row[i])) for i in order
         ]

@@ -53,7 +53,14 @@ class JobItem(BaseModel):
     detail: str | None = Field(default=None, description="What to fix.")
 
 
+class VariantInfo(BaseModel):
+    tag: str
+    weight: float = Field(description="Relative share of traffic (rollout.variants).")
+
+
 class ModelInfo(BaseModel):
+    """The model that answers the caller (its routing key applies), and the others served."""
+
     model_config = ConfigDict(protected_namespaces=())
 
     tag: str
@@ -65,7 +72,10 @@ class ModelInfo(BaseModel):
     gpu_available: bool
     parity: Parity | None
     accuracy: dict[str, float]
+    class_accuracy: dict[str, float]
     lineage: dict
+    variants: list[VariantInfo] = Field(description="Every model that answers, by weight.")
+    shadow: str | None = Field(description="The model compared in the shadow, if any.")
     max_batch_size: int
     max_latency_ms: int
     top_k: int

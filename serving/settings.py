@@ -27,6 +27,9 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configuration.ya
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
 MIN_API_KEY_LENGTH = 16
+TAG_PATTERN = r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$"
+# One variable to roll back (or pin) the served model without editing the file.
+MODEL_TAG_ENV = "IMAGE_CLASSIFIER_MODEL_TAG"
 # BentoML's own request timeout stays on as a backstop behind ours (which answers with our JSON).
 BENTOML_TIMEOUT_MARGIN_S = 10
 
@@ -43,8 +46,9 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     tag: str = Field(
         default="digits-classifier:latest",
-        pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$",
-        description="BentoML model tag, name[:version]; 'latest' follows the newest export.",
+        pattern=TAG_PATTERN,
+        description="BentoML model tag, name[:version]; 'latest' follows the newest export. "
+        f"${MODEL_TAG_ENV}, when set, wins over this and over rollout.variants (rollback).",
     )
     providers: list[Provider] = Field(
         default=["cuda", "cpu"],
@@ -57,6 +61,55 @@ class ModelSettings(_Section):
         description="Threads ONNX Runtime uses per worker; 0 = one per core. One thread per "
         "worker process, and one worker per core, served most on CPU.",
     )
+
+
+class VariantSettings(_Section):
+    tag: str = Field(pattern=TAG_PATTERN)
+    weight: float = Field(
+        ge=0,
+        description="Share of traffic, relative to the other variants' weights. 0 packs the "
+        "model into the bento and loads it, but sends it nothing: a rollback target in the image.",
+    )
+
+
+class ShadowSettings(_Section):
+    tag: str = Field(pattern=TAG_PATTERN)
+    fraction: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Share of images copied to the shadow model. It runs in its own thread at "
+        "the lowest CPU priority and drops copies rather than queue them when it falls behind.",
+    )
+    queue_batches: int = Field(default=4, gt=0, description="Batches waiting for the shadow.")
+
+
+class RolloutSettings(_Section):
+    """Several models behind one API: A/B variants with weights, and a shadow (README, "Versions,
+    A/B, shadow and rollback")."""
+
+    variants: list[VariantSettings] = Field(
+        default=[],
+        description="Models that share the traffic by weight, instead of model.tag alone. All "
+        "variants and the shadow must have the same labels and input spec.",
+    )
+    sticky_headers: list[str] = Field(
+        default=["X-Client-ID", "X-Request-ID"],
+        description="The first of these headers a request has is its routing key: a key always "
+        "goes to the same variant. Requests with none are routed at random by weight.",
+    )
+    shadow: ShadowSettings | None = Field(
+        default=None,
+        description="A candidate that sees a copy of the traffic; its answers are compared with "
+        "the served ones (agreement and latency in /metrics and the log), never returned.",
+    )
+
+    @model_validator(mode="after")
+    def _some_variant_gets_traffic(self) -> RolloutSettings:
+        if self.variants and not any(v.weight > 0 for v in self.variants):
+            raise ValueError("rollout.variants: every weight is 0; give one variant a weight")
+        tags = [v.tag for v in self.variants]
+        if len(set(tags)) != len(tags):
+            raise ValueError("rollout.variants lists a tag twice; merge their weights")
+        return self
 
 
 class BatchingSettings(_Section):
@@ -126,6 +179,7 @@ class ResponseSettings(_Section):
 
 class Settings(_Section):
     model: ModelSettings = ModelSettings()
+    rollout: RolloutSettings = RolloutSettings()
     batching: BatchingSettings = BatchingSettings()
     limits: LimitsSettings = LimitsSettings()
     response: ResponseSettings = ResponseSettings()
@@ -140,6 +194,28 @@ class Settings(_Section):
                 "or raise the second"
             )
         return self
+
+    def served_variants(self) -> list[VariantSettings]:
+        """The models that answer, with their weights: $IMAGE_CLASSIFIER_MODEL_TAG alone when
+        it is set, else rollout.variants, else model.tag alone."""
+        pinned = os.environ.get(MODEL_TAG_ENV, "").strip()
+        if pinned:
+            try:
+                return [VariantSettings(tag=pinned, weight=1)]
+            except ValidationError:
+                raise ConfigurationError(
+                    f"${MODEL_TAG_ENV}={pinned!r} is not a model tag: use name[:version], as "
+                    "`bentoml models list` shows it") from None
+        return list(self.rollout.variants) or [VariantSettings(tag=self.model.tag, weight=1)]
+
+    def packed_tags(self) -> list[str]:
+        """Every model `bentoml build` packs: the served ones, every variant listed (weight 0
+        included: rollback targets) and the shadow. model.tag is not among them when
+        rollout.variants replaces it."""
+        tags = [*(v.tag for v in self.served_variants()), *(v.tag for v in self.rollout.variants)]
+        if self.rollout.shadow is not None:
+            tags.append(self.rollout.shadow.tag)
+        return list(dict.fromkeys(tags))
 
     def api_key(self) -> str | None:
         """The configured API key, or None when the service runs without one."""

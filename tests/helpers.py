@@ -151,3 +151,12 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     body = response.read()
     sock.close()
     return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+
+
+def write_config(path: Path, image_classifier: dict, **service_keys) -> Path:
+    """A configuration file like configuration.yaml: BentoML's keys for the service, and ours."""
+    import yaml
+
+    block = {"metrics": {"enabled": True}, **service_keys, "image_classifier": image_classifier}
+    path.write_text(yaml.safe_dump({"services": {"ImageClassifier": block}}))
+    return path

@@ -30,7 +30,7 @@ def create_app(model_dir) -> FastAPI:
             probabilities, _ = runtime.run(pixels[None])
             elapsed = (time.perf_counter() - started) * 1000
             answers += [p.model_dump() for p in
-                        to_predictions(probabilities, card.labels, top_k, card.name, [elapsed])]
+                        to_predictions(probabilities, card.labels, top_k, [card.name], [elapsed])]
         return answers
 
     return app

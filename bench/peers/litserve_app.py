@@ -31,8 +31,8 @@ class OnnxClassifierAPI(ls.LitAPI):
         started, pixels = batch
         probabilities, _ = self.runtime.run(pixels)
         done = time.perf_counter()
-        return to_predictions(probabilities, self.card.labels, self.top_k, self.card.name,
-                              [(done - t) * 1000 for t in started])
+        return to_predictions(probabilities, self.card.labels, self.top_k,
+                              [self.card.name] * len(started), [(done - t) * 1000 for t in started])
 
     def unbatch(self, output):
         return list(output)

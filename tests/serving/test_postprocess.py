@@ -21,9 +21,9 @@ def test_ties_keep_class_order_and_k_is_capped() -> None:
 
 def test_predictions_follow_input_order_and_carry_tag_and_time() -> None:
     probabilities = np.array([[0.7, 0.1, 0.1, 0.1], [0.0, 0.0, 0.1, 0.9]], dtype=np.float32)
-    first, second = to_predictions(probabilities, LABELS, 2, "m:v1", [1.5, 2.25])
+    first, second = to_predictions(probabilities, LABELS, 2, ["m:v1", "m:v2"], [1.5, 2.25])
     assert (first.label, first.class_id, second.label, second.class_id) == ("cat", 0, "owl", 3)
     assert abs(first.confidence - 0.7) < 1e-6 and len(first.top_k) == 2
     assert [s.label for s in second.top_k] == ["owl", "fox"]
-    assert first.model == second.model == "m:v1"
+    assert (first.model, second.model) == ("m:v1", "m:v2")
     assert (first.processing_ms, second.processing_ms) == (1.5, 2.25)

@@ -93,3 +93,38 @@ def test_one_request_must_fit_one_batch() -> None:
     with pytest.raises(settings.ConfigurationError, match="max_images_per_request"):
         settings.parse_settings(in_service_block({"batching": {"max_batch_size": 8},
                                                   "limits": {"max_images_per_request": 9}}))
+
+
+def rollout(**section) -> settings.Settings:
+    return settings.parse_settings(in_service_block(section))
+
+
+def test_variants_replace_the_model_tag_and_every_listed_model_is_packed(monkeypatch) -> None:
+    monkeypatch.delenv(settings.MODEL_TAG_ENV, raising=False)
+    parsed = rollout(model={"tag": "m:v0"}, rollout={
+        "variants": [{"tag": "m:v1", "weight": 90}, {"tag": "m:v2", "weight": 10},
+                     {"tag": "m:v3", "weight": 0}], "shadow": {"tag": "m:v4"}})
+    assert [(v.tag, v.weight) for v in parsed.served_variants()] == [
+        ("m:v1", 90), ("m:v2", 10), ("m:v3", 0)]
+    assert parsed.packed_tags() == ["m:v1", "m:v2", "m:v3", "m:v4"]
+    assert [v.tag for v in rollout(model={"tag": "m:v0"}).served_variants()] == ["m:v0"]
+
+
+def test_the_environment_variable_pins_one_model(monkeypatch) -> None:
+    monkeypatch.setenv(settings.MODEL_TAG_ENV, "m:v1")
+    parsed = rollout(rollout={"variants": [{"tag": "m:v2", "weight": 1}]})
+    assert [v.tag for v in parsed.served_variants()] == ["m:v1"]
+    assert parsed.packed_tags() == ["m:v1", "m:v2"]
+    monkeypatch.setenv(settings.MODEL_TAG_ENV, "not a tag!")
+    with pytest.raises(settings.ConfigurationError, match="is not a model tag"):
+        parsed.served_variants()
+
+
+@pytest.mark.parametrize("variants, message", [
+    ([{"tag": "m:v1", "weight": 0}], "every weight is 0"),
+    ([{"tag": "m:v1", "weight": 1}, {"tag": "m:v1", "weight": 2}], "lists a tag twice"),
+    ([{"tag": "m:v1", "weight": -1}], "greater than or equal to 0"),
+])
+def test_bad_variants_are_refused(variants, message) -> None:
+    with pytest.raises(settings.ConfigurationError, match=message):
+        rollout(rollout={"variants": variants})
