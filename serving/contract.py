@@ -80,6 +80,8 @@ class ModelCard(BaseModel):
     graph: GraphSpec
     parity: Parity | None = None
     accuracy: dict[str, float] = Field(default_factory=dict)
+    # label -> accuracy on that class's held-out images (where labelled data exists)
+    class_accuracy: dict[str, float] = Field(default_factory=dict)
     training: dict = Field(default_factory=dict)
     lineage: dict = Field(default_factory=dict)
     # file name -> sha256 of every artifact in the entry (the card itself excluded)

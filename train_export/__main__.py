@@ -49,12 +49,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--output-name", dest="name", help="alias of --name")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="train without random shifts and rotations")
+    parser.add_argument("--data", dest="data_dir", type=Path,
+                        help="train on your own images: a folder with one sub-folder per class "
+                        "(DIR/cat/1.jpg, DIR/dog/2.png, ...); labels are the folder names")
+    parser.add_argument("--color-mode", choices=["L", "RGB"],
+                        help="grey or colour input (default: L for small_cnn on the digits, "
+                        "RGB otherwise)")
     parser.add_argument("--examples-dir", type=Path, default=defaults.examples_dir,
                         help="where sample images go; '' to write none")
     args = parser.parse_args(argv)
     values = vars(args)
     if not values.get("examples_dir") or str(values["examples_dir"]) in ("", "."):
         values["examples_dir"] = None
+    if values["data_dir"] is not None and values["name"] == defaults.name:
+        parser.error("--data: give the model its own --name (digits-classifier is the default "
+                     "model's name; `make serve` would serve yours instead)")
     return TrainConfig(**values)
 
 

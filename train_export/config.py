@@ -27,6 +27,11 @@ class TrainConfig:
     # Random shifts of up to 2 px and +-10 degrees: robustness to off-centre uploads.
     augment: bool = True
     seed: int = 0
+    # Your own images instead of the digits: one sub-folder per class (torchvision's ImageFolder
+    # layout). Mean and std are then measured on its training split.
+    data_dir: Path | None = None
+    # 'L' (grey) or 'RGB'; by default L for small_cnn on the digits, RGB otherwise.
+    color_mode: str | None = None
     # 20% held out (360 images), stratified: enough to measure accuracy to about +-1%.
     holdout_fraction: float = 0.2
     # Max |p_eager - p_runtime|: float32 kernels differ in the last bits; 1e-4 is far above that
@@ -39,4 +44,5 @@ class TrainConfig:
     def to_record(self) -> dict:
         record = asdict(self)
         record["examples_dir"] = str(self.examples_dir) if self.examples_dir else None
+        record["data_dir"] = str(Path(self.data_dir).resolve()) if self.data_dir else None
         return record

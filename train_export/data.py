@@ -1,14 +1,18 @@
-"""The embedded default dataset: scikit-learn's 8x8 handwritten digits, upscaled (no download)."""
+"""Training data: the embedded default (scikit-learn's 8x8 digits, upscaled; no download), or the
+user's own images in an ImageFolder layout (`--data DIR`)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from serving.contract import InputSpec
 
 
 @dataclass
@@ -54,3 +58,68 @@ def load_digits_split(size: int, channels: int, holdout_fraction: float, seed: i
         labels=[str(name) for name in digits.target_names],
         data_hash=digest.hexdigest(),
     )
+
+
+@dataclass
+class FolderData:
+    """An ImageFolder dataset decoded the way serving decodes uploads."""
+
+    split: Split
+    skipped: list[str]  # files that are not images Pillow can decode, relative to the root
+
+
+def image_folder_classes(root: Path) -> list[str]:
+    """Class names: the sub-folders of `root` that hold files, sorted (torchvision's order)."""
+    if not root.is_dir():
+        raise SystemExit(f"--data {root}: not a folder. Give a folder with one sub-folder of "
+                         "images per class (root/cat/1.jpg, root/dog/2.png, ...).")
+    classes = sorted(d.name for d in root.iterdir()
+                     if d.is_dir() and not d.name.startswith(".")
+                     and any(f.is_file() for f in d.rglob("*")))
+    if len(classes) < 2:
+        raise SystemExit(f"--data {root}: found {len(classes)} class folder(s); a classifier "
+                         "needs at least 2 (root/<class>/<image>)")
+    return classes
+
+
+def load_image_folder(root: Path, spec: InputSpec, holdout_fraction: float,
+                      seed: int) -> FolderData:
+    """root/<class>/**/<image> -> a stratified train/holdout split of uint8 (N, H, W, C).
+
+    Each file goes through serving's own decode_image, so training sees exactly the pixels an
+    upload of the same file would give the served model (resize, colour mode, EXIF rotation).
+    """
+    from serving.errors import RejectedInput
+    from serving.preprocess import decode_image
+
+    classes = image_folder_classes(root)
+    images, targets, skipped = [], [], []
+    digest = hashlib.sha256()
+    for class_id, name in enumerate(classes):
+        for path in sorted(p for p in (root / name).rglob("*") if p.is_file()):
+            try:
+                images.append(decode_image(path, spec))
+            except RejectedInput:
+                skipped.append(path.relative_to(root).as_posix())
+                continue
+            targets.append(class_id)
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    counts = np.bincount(np.array(targets, dtype=np.int64), minlength=len(classes))
+    too_few = [name for name, count in zip(classes, counts) if count < 2]
+    if too_few:
+        raise SystemExit(f"--data {root}: classes with fewer than 2 images: {', '.join(too_few)} "
+                         "(each class needs images to train on and to hold out)")
+    train_x, holdout_x, train_y, holdout_y = train_test_split(
+        np.stack(images), np.array(targets, dtype=np.int64), test_size=holdout_fraction,
+        random_state=seed, stratify=targets)
+    split = Split(train_x, train_y, holdout_x, holdout_y, classes, digest.hexdigest())
+    return FolderData(split, skipped)
+
+
+def channel_stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, H, W, C) images, on the 0-1 scale."""
+    values = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(values.std(axis=0), 1e-3)  # a constant channel must not divide by zero
+    return tuple(round(float(m), 4) for m in values.mean(axis=0)), tuple(
+        round(float(s), 4) for s in std)

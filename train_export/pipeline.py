@@ -1,4 +1,4 @@
-"""train -> export -> check -> store, for the default digits dataset."""
+"""train -> export -> check -> store, for the embedded digits or an ImageFolder (`--data`)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import torch
 from serving.contract import GraphSpec, InputSpec, ModelCard, Parity
 
 from .config import DEFAULT_ARCHITECTURE, TrainConfig
-from .data import load_digits_split
+from .data import Split, channel_stats, load_digits_split, load_image_folder
 from .examples import write_examples
 from .export import ServingWrapper, check_head_split, export_all
 from .models import build_model, split_head
 from .store import library_versions, save_to_store
-from .train import accuracy, to_float, train
+from .train import accuracy, class_accuracy, to_float, train
 
 logger = logging.getLogger(__name__)
 
@@ -28,26 +28,52 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def input_spec_for(config: TrainConfig) -> InputSpec:
-    grey = config.architecture == DEFAULT_ARCHITECTURE
+    """For the digits, their known statistics; for a folder, placeholders until it is measured."""
+    grey = (config.color_mode or ("L" if config.architecture == DEFAULT_ARCHITECTURE else "RGB")
+            ) == "L"
+    channels = 1 if grey else 3
+    if config.data_dir is not None:
+        mean, std, polarity = (0.5,) * channels, (0.25,) * channels, "natural"
+    else:
+        mean, std = (DIGITS_MEAN, DIGITS_STD) if grey else (IMAGENET_MEAN, IMAGENET_STD)
+        polarity = "light_on_dark"
     return InputSpec(
         height=config.input_size,
         width=config.input_size,
-        channels=1 if grey else 3,
+        channels=channels,
         color_mode="L" if grey else "RGB",
         resize="bilinear",
-        polarity="light_on_dark",
-        mean=DIGITS_MEAN if grey else IMAGENET_MEAN,
-        std=DIGITS_STD if grey else IMAGENET_STD,
+        polarity=polarity,
+        mean=mean,
+        std=std,
     )
 
 
+def load_data(config: TrainConfig, spec: InputSpec) -> tuple[Split, InputSpec, dict]:
+    """The split to train on, the input spec measured on it, and its lineage."""
+    if config.data_dir is None:
+        split = load_digits_split(spec.height, spec.channels, config.holdout_fraction,
+                                  config.seed)
+        return split, spec, {"dataset": "sklearn.datasets.load_digits",
+                             "data_sha256": split.data_hash}
+    folder = load_image_folder(Path(config.data_dir), spec, config.holdout_fraction, config.seed)
+    if folder.skipped:
+        logger.warning("skipped %d files that are not images: %s", len(folder.skipped),
+                       ", ".join(folder.skipped[:10]))
+    mean, std = channel_stats(folder.split.train_x)
+    spec = spec.model_copy(update={"mean": mean, "std": std})
+    return folder.split, spec, {"dataset": "image folder",
+                                "data_dir": str(Path(config.data_dir).resolve()),
+                                "data_sha256": folder.split.data_hash,
+                                "skipped_files": folder.skipped}
+
+
 def train_and_export(config: TrainConfig) -> str:
-    """Train on the embedded digits, export, check parity, save to the store; return the tag."""
+    """Train, export, check parity, save to the store; return the tag."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    spec = input_spec_for(config)
-    split = load_digits_split(spec.height, spec.channels, config.holdout_fraction, config.seed)
+    split, spec, data_lineage = load_data(config, input_spec_for(config))
     mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
 
     model = build_model(config.architecture, len(split.labels), spec.channels)
@@ -55,7 +81,9 @@ def train_and_export(config: TrainConfig) -> str:
         model = train(model, split.train_x, split.train_y, mean, std, config)
     else:  # export the untrained model as is: benchmarks need speed, not accuracy
         model.eval()
-    holdout_accuracy = accuracy(model, to_float(split.holdout_x, mean, std), split.holdout_y)
+    holdout_x = to_float(split.holdout_x, mean, std)
+    holdout_accuracy = accuracy(model, holdout_x, split.holdout_y)
+    per_class = class_accuracy(model, holdout_x, split.holdout_y, split.labels)
     train_seconds = time.perf_counter() - started
 
     backbone, head = split_head(model)
@@ -76,10 +104,10 @@ def train_and_export(config: TrainConfig) -> str:
             graph=GraphSpec(feature_dim=int(features.shape[1])),
             parity=Parity(**vars(parity)),
             accuracy={"holdout": holdout_accuracy},
+            class_accuracy=per_class,
             training={**config.to_record(), "train_seconds": round(train_seconds, 1)},
             lineage={
-                "dataset": "sklearn.datasets.load_digits",
-                "data_sha256": split.data_hash,
+                **data_lineage,
                 "train_samples": int(len(split.train_y)),
                 "holdout_samples": int(len(split.holdout_y)),
                 "versions": library_versions(),
@@ -88,11 +116,11 @@ def train_and_export(config: TrainConfig) -> str:
         tag = save_to_store(
             card,
             artifacts,
-            store_labels={"task": "image-classification", "dataset": "sklearn-digits",
-                          "architecture": config.architecture},
+            store_labels={"task": "image-classification", "architecture": config.architecture,
+                          "dataset": "image-folder" if config.data_dir else "sklearn-digits"},
         )
 
-    if config.examples_dir is not None:
+    if config.examples_dir is not None and config.data_dir is None:
         write_examples(split.holdout_x, split.holdout_y, split.labels, Path(config.examples_dir),
                        config.examples_per_format)
     print(

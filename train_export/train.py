@@ -68,6 +68,16 @@ def train(
 
 
 @torch.no_grad()
+def class_accuracy(model: nn.Module, x: torch.Tensor, y: np.ndarray,
+                   labels: list[str]) -> dict[str, float]:
+    """label -> share of that class's images classified correctly (classes with images only)."""
+    model.eval()
+    predictions = model(x).argmax(dim=1).numpy()
+    return {label: round(float((predictions[y == i] == i).mean()), 4)
+            for i, label in enumerate(labels) if (y == i).any()}
+
+
+@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
     model.eval()
     predictions = model(x).argmax(dim=1).numpy()
