@@ -10,7 +10,7 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build container container-smoke bench bench-gpu soak clean
+.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-shadow soak clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -20,6 +20,7 @@ help:
 	@echo "make container        bentoml build + containerize -> image-classifier:latest"
 	@echo "make container-smoke  build, docker run, check it as a user would, clean up"
 	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
+	@echo "make bench-shadow  the cost of a shadow model to served latency -> docs/shadow.md (about 4 min)"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
 
 venv: $(BIN)/.installed
@@ -71,6 +72,12 @@ bench: $(BIN)/.bench-installed
 soak: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# The cost of a shadow model to the served answers: alternating servers without and with one
+# (about 4 min); writes docs/shadow.md.
+bench-shadow: $(BIN)/.bench-installed
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench.shadow $(BENCH_ARGS)
 
 # On a machine with an NVIDIA GPU: resnet50 at 224x224, served vs raw GPU throughput.
 bench-gpu: $(BIN)/.bench-installed
