@@ -1,7 +1,9 @@
 """`python -m train_export`: train the default digits classifier and save it to the model store.
 
-`python -m train_export import-pickle|import-torchvision ...`: store your own model instead
-(train_export/imports.py; `--help` after the subcommand lists its options).
+`python -m train_export import-pickle|import-torchvision|import-onnx ...`: store your own model
+instead (train_export/imports.py, onnx_import.py). `python -m train_export --data DIR`: train on
+your own images. `python -m train_export quantize --model TAG`: store its fp16 and int8 variants
+(train_export/precision.py). `--help` after a subcommand lists its options.
 """
 
 from __future__ import annotations
@@ -69,11 +71,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in ("import-pickle", "import-torchvision"):
+    if argv[:1] and argv[0] in ("import-pickle", "import-torchvision", "import-onnx"):
         from .imports import import_model
         from .imports import parse_args as parse_import_args
+        from .onnx_import import import_onnx
 
-        import_model(parse_import_args(argv[0], argv[1:]))
+        args = parse_import_args(argv[0], argv[1:])
+        (import_onnx if args.command == "import-onnx" else import_model)(args)
+        return
+    if argv[:1] == ["quantize"]:
+        from .precision import parse_args as parse_quantize_args
+        from .precision import quantize
+
+        quantize(parse_quantize_args(argv[1:]))
         return
     from .pipeline import train_and_export  # torch is imported only once the arguments are good
 

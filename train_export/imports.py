@@ -1,10 +1,11 @@
-"""Bring your own model: `python -m train_export import-pickle | import-torchvision ...`.
+"""Bring your own model: `python -m train_export import-pickle | import-torchvision | import-onnx`.
 
 - import-pickle: a model saved whole with `torch.save(model)`. Such a file holds a reference to
   its class (`tasks.detection.model.Net`), not the class: loading it anywhere that package is not
   importable fails with `ModuleNotFoundError: No module named 'tasks'`. Here the package is put on
   the path only while loading (`--code-path`).
 - import-torchvision: a torchvision architecture and a `state_dict` checkpoint.
+- import-onnx: an existing ONNX classifier (float NCHW in, scores out); train_export/onnx_import.py.
 
 Either way the model is exported to ONNX and TorchScript graphs that need none of its code,
 checked for parity, and stored with its labels, input spec and lineage like our own exports.
@@ -44,6 +45,17 @@ def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
         parser.add_argument("--code-path", type=Path, action="append", default=[],
                             help="a folder from which the model's package is importable (repeat "
                             "for several); needed only here, never by the service")
+    elif command == "import-onnx":
+        parser.add_argument("--model", type=Path, required=True,
+                            help="the .onnx file: float input (N, C, H, W), normalized; output "
+                            "(N, classes), logits or probabilities")
+        parser.add_argument("--output", help="the graph output with the class scores "
+                            "(default: its first output)")
+        parser.add_argument("--outputs-are", choices=["auto", "logits", "probabilities"],
+                            default="auto", help="auto: probabilities when every row of a test "
+                            "inference is non-negative and sums to 1")
+        parser.add_argument("--features-output", help="a graph output with penultimate "
+                            "features, for drift detection (default: the class scores)")
     else:
         parser.add_argument("--architecture", required=True,
                             help="a torchvision.models classifier, e.g. resnet18")
@@ -69,12 +81,13 @@ def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def input_spec(args: argparse.Namespace) -> InputSpec:
-    """Options, over the --spec file, over ImageNet's RGB defaults."""
+def input_spec(args: argparse.Namespace, known: dict | None = None) -> InputSpec:
+    """Options, over the --spec file, over what the model itself says (`known`: an ONNX input's
+    size and colour mode), over ImageNet's RGB defaults."""
     import yaml
 
     values = {"color_mode": "RGB", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-              "polarity": "natural"}
+              "polarity": "natural", **(known or {})}
     if args.spec is not None:
         values.update(yaml.safe_load(args.spec.read_text()) or {})  # YAML reads JSON too
     values.update({k: getattr(args, k) for k in ("input_size", "color_mode", "mean", "std",

@@ -42,9 +42,11 @@ def save_to_store(card: ModelCard, artifacts: list[Path], store_labels: dict[str
         "num_classes": len(card.labels),
         **{f"accuracy_{k}": v for k, v in card.accuracy.items()},
     }
-    if card.parity is not None:
-        metadata["parity_onnxruntime_max_abs_diff"] = card.parity.onnxruntime_max_abs_diff
-        metadata["parity_torchscript_max_abs_diff"] = card.parity.torchscript_max_abs_diff
+    if card.parity is not None:  # an ONNX import has no TorchScript: its figure is None
+        for runtime in ("onnxruntime", "torchscript"):
+            value = getattr(card.parity, f"{runtime}_max_abs_diff")
+            if value is not None:
+                metadata[f"parity_{runtime}_max_abs_diff"] = value
     if "data_sha256" in card.lineage:
         metadata["data_sha256"] = card.lineage["data_sha256"]
     with bentoml.models.create(

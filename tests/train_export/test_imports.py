@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -150,3 +151,80 @@ def test_a_checkpoint_that_does_not_fit_says_why(tmp_path) -> None:
                     "--input-size", "32", "32")
     assert result.returncode != 0
     assert "does not fit resnet18 with 2 classes" in result.stderr
+
+
+ONNX_EXPORT = '''
+import json, sys, torch
+import numpy as np
+from torch import nn
+from serving.contract import InputSpec
+from serving.preprocess import decode_image
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(16, 4)).eval()
+out, batch_axis = sys.argv[1], sys.argv[2] == "dynamic"
+torch.onnx.export(model, (torch.randn(2, 3, 40, 48),), out, input_names=["input"],
+                  output_names=["logits"], dynamo=False,
+                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if batch_axis
+                  else None)
+# The reference: the image as the user's own pipeline would feed it, through torch.
+spec = InputSpec(height=40, width=48, channels=3, color_mode="RGB", mean=(0.5, 0.4, 0.3),
+                 std=(0.2, 0.25, 0.3))
+pixels = decode_image(open(sys.argv[3], "rb").read(), spec)
+x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+with torch.no_grad():
+    print(json.dumps(torch.softmax(model(x[None]), dim=1)[0].tolist()))
+'''
+
+
+def export_onnx_classifier(path: Path, batch: str) -> list[float]:
+    """A classifier exported elsewhere: float NCHW input, logits out, 40x48 RGB; and torch's
+    probabilities for examples/digit_7_00.png, normalized by hand."""
+    example = ROOT / "examples" / "digit_7_00.png"
+    result = python("-c", ONNX_EXPORT, str(path), batch, str(example))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_an_onnx_file_from_elsewhere_serves_what_torch_computes(tmp_path) -> None:
+    model = tmp_path / "classifier.onnx"
+    expected = export_onnx_classifier(model, "dynamic")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("north\neast\nsouth\nwest\n")
+    result = python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
+                    str(labels), "--name", "onnx-import", "--mean", "0.5", "0.4", "0.3",
+                    "--std", "0.2", "0.25", "0.3", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["scores_were"] == "logits" and report["parity"]["onnxruntime_max_abs_diff"] < 1e-4
+    info, answer = serve_and_classify(report["tag"], tmp_path)
+    # Size and colour mode came from the graph; normalization from the options.
+    assert (info["input"]["height"], info["input"]["width"], info["input"]["channels"]) == (40, 48, 3)
+    assert info["lineage"]["source"] == "onnx" and info["lineage"]["original_input"] == "input"
+    served = {s["class_id"]: s["probability"] for s in answer["top_k"]}
+    for class_id, probability in served.items():
+        assert abs(probability - expected[class_id]) < 1e-4, (served, expected)
+    assert answer["class_id"] == int(np.argmax(expected))
+
+
+def test_an_onnx_file_with_a_fixed_batch_says_how_to_export_it(tmp_path) -> None:
+    model = tmp_path / "fixed.onnx"
+    export_onnx_classifier(model, "fixed")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("north\neast\nsouth\nwest\n")
+    result = python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
+                    str(labels), "--name", "onnx-fixed")
+    assert result.returncode != 0
+    assert "dynamic batch axis" in result.stderr, result.stderr
+
+
+def test_labels_that_do_not_match_the_outputs_are_refused(tmp_path) -> None:
+    model = tmp_path / "classifier.onnx"
+    export_onnx_classifier(model, "dynamic")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("yes\nno\n")
+    result = python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
+                    str(labels), "--name", "onnx-mismatch")
+    assert result.returncode != 0 and "one score per label" in result.stderr, result.stderr
