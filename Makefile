@@ -10,7 +10,7 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-shadow soak clean
+.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-shadow bench-precision soak clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -21,6 +21,7 @@ help:
 	@echo "make container-smoke  build, docker run, check it as a user would, clean up"
 	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
 	@echo "make bench-shadow  the cost of a shadow model to served latency -> docs/shadow.md (about 4 min)"
+	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
 
 venv: $(BIN)/.installed
@@ -78,6 +79,11 @@ soak: $(BIN)/.bench-installed
 bench-shadow: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.shadow $(BENCH_ARGS)
+
+# fp32 / fp16 / int8 of the default model and a resnet18: accuracy and CPU throughput
+# (about 6 min, most of it training the resnet18 once); writes docs/precision.md.
+bench-precision: $(BIN)/.bench-installed
+	$(BIN)/python -m bench.precision $(BENCH_ARGS)
 
 # On a machine with an NVIDIA GPU: resnet50 at 224x224, served vs raw GPU throughput.
 bench-gpu: $(BIN)/.bench-installed

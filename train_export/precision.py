@@ -1,0 +1,176 @@
+"""`python -m train_export quantize --model TAG`: fp16 and int8 variants of a stored model, each
+stored as a model of its own (`<name>-fp16`, `<name>-int8`) with its accuracy against the fp32
+original in the card.
+
+- fp16 (for GPUs; most CPU kernels have no fp16 and run slower): weights and activations in
+  half precision, input and outputs unchanged (ONNX Runtime's float16 converter, keep_io_types).
+- int8 (for CPUs): static quantization with ONNX Runtime's tools, QDQ format, per-channel int8
+  weights and uint8 activations whose ranges are calibrated on training images. Only Conv,
+  Gemm and MatMul are quantized: they hold the compute; the normalization in front and the
+  softmax behind stay float, where quantizing buys nothing and costs accuracy.
+
+Calibration and evaluation data: the model's own (the embedded digits, or the ImageFolder it
+was trained on), or `--data DIR` (ImageFolder layout, its classes named like the model's labels).
+The variant is compared with the fp32 graph on the held-out images: accuracy, its delta, top-1
+agreement and the largest probability difference, recorded in the card's lineage (`precision`,
+`derived_from`, `vs_fp32`) and shown by /model_info.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from serving.contract import ONNX_FILE, ModelCard
+
+from .config import TrainConfig
+from .data import Split, load_digits_split, load_image_folder
+from .export import INPUT_NAME, MAX_IR_VERSION, PROBABILITIES_NAME
+from .store import save_to_store
+
+PRECISIONS = ("fp16", "int8")
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train_export quantize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the stored fp32 model, name[:version]")
+    parser.add_argument("--to", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="the variants to store")
+    parser.add_argument("--data", type=Path, help="an ImageFolder to calibrate and evaluate on "
+                        "(default: the data the model was trained on)")
+    parser.add_argument("--calibration-images", type=int, default=512,
+                        help="training images used to calibrate int8 activation ranges")
+    return parser.parse_args(argv)
+
+
+def evaluation_data(card: ModelCard, data: Path | None) -> Split:
+    """The model's train/holdout split, rebuilt from its card (same seed and fraction)."""
+    training = card.training or {}
+    defaults = TrainConfig()
+    fraction = training.get("holdout_fraction", defaults.holdout_fraction)
+    seed = training.get("seed", defaults.seed)
+    folder = data or (Path(card.lineage["data_dir"]) if card.lineage.get("data_dir") else None)
+    if folder is not None:
+        split = load_image_folder(folder, card.input, fraction, seed).split
+        if split.labels != card.labels:
+            raise SystemExit(f"{folder}: classes {split.labels} are not the model's labels "
+                             f"{card.labels}; name the folders after the labels")
+        return split
+    if card.lineage.get("dataset") == "sklearn.datasets.load_digits":
+        return load_digits_split(card.input.height, card.input.channels, fraction, seed)
+    raise SystemExit("this model came without its training data: pass --data DIR, an "
+                     "ImageFolder of images like the ones it will serve, to calibrate and "
+                     "evaluate the variants")
+
+
+class Calibration:
+    """onnxruntime.quantization's CalibrationDataReader protocol over uint8 training images."""
+
+    def __init__(self, pixels: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([pixels[i:i + batch] for i in range(0, len(pixels), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def to_fp16(source: Path, target: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.save(model, str(target))
+
+
+def to_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))  # shapes and folding, as ORT recommends
+        quantize_static(str(prepared), str(target), Calibration(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=QUANTIZED_OPS,
+                        calibrate_method=CalibrationMethod.MinMax)
+    model = onnx.load(str(target))
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+        onnx.save(model, str(target))
+
+
+def probabilities(graph: Path, pixels: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([PROBABILITIES_NAME], {INPUT_NAME: pixels[i:i + 64]})[0]
+                           for i in range(0, len(pixels), 64)])
+
+
+def compare(fp32: np.ndarray, variant: np.ndarray, truth: np.ndarray,
+            labels: list[str]) -> tuple[dict, dict]:
+    base_accuracy = float((fp32.argmax(1) == truth).mean())
+    accuracy = float((variant.argmax(1) == truth).mean())
+    predicted = variant.argmax(1)
+    per_class = {label: round(float((predicted[truth == i] == i).mean()), 4)
+                 for i, label in enumerate(labels) if (truth == i).any()}
+    return per_class, {
+        "holdout_images": int(len(truth)),
+        "fp32_accuracy": round(base_accuracy, 4),
+        "accuracy": round(accuracy, 4),
+        "accuracy_delta": round(accuracy - base_accuracy, 4),
+        "top1_agreement": round(float((fp32.argmax(1) == predicted).mean()), 4),
+        "max_abs_diff": float(np.abs(fp32 - variant).max()),
+        "mean_abs_diff": float(np.abs(fp32 - variant).mean()),
+    }
+
+
+def quantize(args: argparse.Namespace) -> list[str]:
+    base = bentoml.models.get(args.model)
+    base_dir = Path(base.path)
+    card = ModelCard.read(base_dir)
+    if card.lineage.get("precision"):
+        raise SystemExit(f"{base.tag} is already a {card.lineage['precision']} variant; "
+                         "quantize the fp32 model it came from")
+    split = evaluation_data(card, args.data)
+    fp32 = probabilities(base_dir / ONNX_FILE, split.holdout_x)
+    rng = np.random.default_rng(0)
+    calibration = split.train_x[rng.permutation(len(split.train_x))[:args.calibration_images]]
+    tags = []
+    for precision in args.to:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = Path(tmp) / ONNX_FILE
+            if precision == "fp16":
+                to_fp16(base_dir / ONNX_FILE, graph)
+            else:
+                to_int8(base_dir / ONNX_FILE, graph, calibration)
+            per_class, figures = compare(fp32, probabilities(graph, split.holdout_x),
+                                         split.holdout_y, card.labels)
+            if precision == "int8":
+                figures["calibration_images"] = int(len(calibration))
+            variant = card.model_copy(update={
+                "name": f"{card.name}-{precision}",
+                "parity": None,  # parity is against the eager model; these figures are vs fp32
+                "accuracy": {"holdout": figures["accuracy"]},
+                "class_accuracy": per_class,
+                "lineage": {**card.lineage, "precision": precision,
+                            "derived_from": str(base.tag), "vs_fp32": figures},
+                "files": {},
+            })
+            tag = save_to_store(variant, [graph], store_labels={
+                "task": "image-classification", "precision": precision,
+                "derived_from": str(base.tag).replace(":", "-")})
+        tags.append(tag)
+        print(json.dumps({"tag": tag, "precision": precision, **figures,
+                          "seconds": round(time.perf_counter() - started, 1)}))
+    return tags
