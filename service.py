@@ -12,7 +12,7 @@ everything the service needs to know about the model.
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,12 +29,14 @@ from serving import metrics
 from serving import settings as configuration
 from serving.admission import Admission, admission_routes, quiet_client_error_tracebacks
 from serving.contract import ONNX_FILE, ModelCard
+from serving.drift import DriftMonitor
 from serving.errors import STATUS, RejectedInput, as_validation_error, error_body
 from serving.postprocess import to_predictions
-from serving.preprocess import InvalidTensor, decode_image, validate_tensor
+from serving.preprocess import InvalidTensor, decode_image, open_image, validate_tensor
 from serving.runtime import OnnxRuntime, gpu_available
+from serving.request_log import RequestLog
 from serving.routing import Router
-from serving.schemas import JobItem, ModelInfo, Prediction, VariantInfo
+from serving.schemas import DriftReport, DriftStatus, JobItem, ModelInfo, Prediction, VariantInfo
 from serving.shadow import Shadow
 from serving.uploads import NOT_A_FILE, NotAFile, TooManyImages, refuse_urls_in_file_fields
 
@@ -124,8 +126,12 @@ def _decode_upload(upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler) 
     if not isinstance(upload, UploadFile):
         raise as_validation_error(NotAFile(NOT_A_FILE))
     limit = SETTINGS.limits.max_image_pixels
+    if upload.size is not None:
+        metrics.upload_bytes().observe(upload.size)
     try:
-        return Pixels(decode_image(upload.file, INPUT, limit), received_at, _route())
+        image = open_image(upload.file)  # the header only: size known before decoding
+        metrics.image_pixels().observe(image.width * image.height)
+        return Pixels(decode_image(image, INPUT, limit), received_at, _route())
     except RejectedInput as exc:
         raise as_validation_error(exc) from None
 
@@ -213,6 +219,7 @@ class ImageClassifier:
     def __init__(self) -> None:
         self.card = CARD
         self.runtimes = [self._load(entry) for entry in SERVED]
+        self.monitors = [drift_monitor(entry) for entry in SERVED]
         self.shadow = None
         if SHADOW is not None:
             shadow = SETTINGS.rollout.shadow
@@ -282,6 +289,25 @@ class ImageClassifier:
             top_k=SETTINGS.response.top_k,
         )
 
+    @bentoml.api(route="/drift")
+    def drift(
+        self, test_now: bool = False
+    ) -> Annotated[DriftReport, ContentType("application/json")]:
+        """Online drift detection, per served model, in the worker that answers: the kernel MMD
+        between the features of its recent images and the training reference, its permutation
+        p-value, and the drift flag (p < drift.p_value_threshold). `test_now: true` runs the
+        test on the current window instead of returning the last periodic result."""
+        states = []
+        for entry, monitor in zip(SERVED, self.monitors):
+            if monitor is not None:
+                states.append(monitor.test_now() if test_now else monitor.state())
+        return DriftReport(
+            enabled=SETTINGS.drift.enabled,
+            models=[DriftStatus(**asdict(state)) for state in states],
+            without_reference=[e.tag for e, m in zip(SERVED, self.monitors)
+                               if m is None and e.card.drift_reference is None],
+        )
+
     @bentoml.task(route="/classify_batch")
     def classify_batch(self, images: list[JobUpload]) -> JobResults:
         """An asynchronous job over many images (up to limits.max_images_per_job).
@@ -328,13 +354,34 @@ class ImageClassifier:
         return predictions
 
     def _run_variants(self, pixels: np.ndarray, variants: np.ndarray) -> np.ndarray:
+        """Probabilities of every row from its variant; features go to its drift window."""
         if ROUTER.single or (variants == variants[0]).all():  # the common case: no copies
-            return self.runtimes[variants[0]].run(pixels)[0]
+            return self._run(variants[0], pixels)
         probabilities = np.empty((len(pixels), len(self.card.labels)), np.float32)
         for index in np.unique(variants):
             rows = np.flatnonzero(variants == index)
-            probabilities[rows] = self.runtimes[index].run(pixels[rows])[0]
+            probabilities[rows] = self._run(index, pixels[rows])
         return probabilities
+
+    def _run(self, variant: int, pixels: np.ndarray) -> np.ndarray:
+        probabilities, features = self.runtimes[variant].run(pixels)
+        if self.monitors[variant] is not None:
+            self.monitors[variant].observe(features)
+        return probabilities
+
+
+def drift_monitor(entry: StoreEntry) -> DriftMonitor | None:
+    """A monitor for a model exported with reference features (imports without data have none)."""
+    reference = entry.card.drift_reference
+    if not SETTINGS.drift.enabled or reference is None:
+        return None
+    features = np.load(entry.path / reference.file)
+    size = SETTINGS.drift.reference_size
+    if len(features) > size:  # a fixed subsample: the same reference in every worker
+        features = features[np.random.default_rng(0).permutation(len(features))[:size]]
+    drift = SETTINGS.drift
+    return DriftMonitor(entry.tag, features, drift.window_size, drift.min_samples,
+                        drift.interval_s, drift.permutations, drift.p_value_threshold)
 
 
 def record_answers(predictions: list[Prediction], seconds: list[float]) -> None:
@@ -358,15 +405,19 @@ HOW_TO_SEND = {
                 "(curl -F images=@digit.png)",
     "classify_tensor": f'JSON {{"pixels": [...]}} of shape {INPUT_SHAPES}',
     "model_info": "an empty JSON object {}",
+    "drift": 'a JSON object: {} for the last result, {"test_now": true} to test now',
     "classify_batch": "a multipart form with one file part `images` per image "
                       "(curl -F images=@a.png -F images=@b.jpg)",
 }
 
 refuse_urls_in_file_fields()
 quiet_client_error_tracebacks()
+ADMISSION_ROUTES = admission_routes(ImageClassifier.apis, HOW_TO_SEND)
+if SETTINGS.request_log.enabled:  # added first: outside Admission, so refusals are logged too
+    ImageClassifier.add_asgi_middleware(RequestLog, routes=ADMISSION_ROUTES)
 ImageClassifier.add_asgi_middleware(
     Admission,
-    routes=admission_routes(ImageClassifier.apis, HOW_TO_SEND),
+    routes=ADMISSION_ROUTES,
     limits=SETTINGS.limits,
     public_paths=SETTINGS.security.public_paths,
     api_key=API_KEY,

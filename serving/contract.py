@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
+REFERENCE_FILE = "reference_features.npy"
 CARD_FORMAT_VERSION = 1
 
 
@@ -69,6 +70,17 @@ class Parity(BaseModel):
     torchscript_max_abs_diff: float | None = None
 
 
+class DriftReference(BaseModel):
+    """Features (the graph's `features` output) of a sample of the training images: what
+    online drift detection compares recent inputs with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = REFERENCE_FILE
+    samples: int = Field(gt=0)
+    source: str
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -83,6 +95,7 @@ class ModelCard(BaseModel):
     # label -> accuracy on that class's held-out images (where labelled data exists)
     class_accuracy: dict[str, float] = Field(default_factory=dict)
     training: dict = Field(default_factory=dict)
+    drift_reference: DriftReference | None = None
     lineage: dict = Field(default_factory=dict)
     # file name -> sha256 of every artifact in the entry (the card itself excluded)
     files: dict[str, str] = Field(default_factory=dict)
@@ -95,8 +108,8 @@ class ModelCard(BaseModel):
     def verify(self, directory: Path, tag: str) -> None:
         """Every file the card lists is present, and the graph serving loads matches its hash.
 
-        Only the ONNX files are hashed: they are what serving reads, and hashing the TorchScript
-        copy too would only slow every worker's start.
+        Only the ONNX files and the drift reference are hashed: they are what serving reads, and
+        hashing the TorchScript copy too would only slow every worker's start.
         """
         directory = Path(directory)
         fix = (f"Re-export the model (`python -m train_export`, or `bentoml models delete {tag}` "
@@ -105,7 +118,8 @@ class ModelCard(BaseModel):
             path = directory / name
             if not path.is_file():
                 raise DamagedModel(f"model {tag}: {path} is missing. {fix}")
-            if name.startswith(ONNX_FILE) and sha256_of(path) != expected:
+            if (name.startswith(ONNX_FILE) or name == REFERENCE_FILE) and \
+                    sha256_of(path) != expected:
                 raise DamagedModel(
                     f"model {tag}: {path} does not match the SHA-256 in its card "
                     f"(expected {expected[:16]}...): the store entry is damaged. {fix}")

@@ -137,3 +137,69 @@ def shadow_dropped() -> Counter:
         labelnames=["shadow"],
         namespace=NAMESPACE,
     )
+
+
+@functools.cache
+def image_pixels() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "image_pixels",
+        "Size of each uploaded image as sent (width x height, before resizing).",
+        namespace=NAMESPACE,
+        buckets=(1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8),
+    )
+
+
+@functools.cache
+def upload_bytes() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "upload_bytes",
+        "Size of each uploaded image file in bytes.",
+        namespace=NAMESPACE,
+        buckets=(1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7),
+    )
+
+
+def _drift_gauge(name: str, documentation: str) -> Gauge:
+    from prometheus_client import Gauge
+
+    # Each worker tests the traffic it sees: one series per worker (pid), alive ones only.
+    return Gauge(name, documentation, labelnames=["model"], namespace=NAMESPACE,
+                 multiprocess_mode="liveall")
+
+
+@functools.cache
+def drift_statistic() -> Gauge:
+    return _drift_gauge("drift_statistic", "Kernel MMD between the recent window of features "
+                        "and the training reference (larger: further apart).")
+
+
+@functools.cache
+def drift_p_value() -> Gauge:
+    return _drift_gauge("drift_p_value", "Permutation p-value of the MMD test: small means the "
+                        "recent inputs are unlikely to come from the training distribution.")
+
+
+@functools.cache
+def drift_detected() -> Gauge:
+    return _drift_gauge("drift_detected", "1 when the last test's p-value was below "
+                        "drift.p_value_threshold.")
+
+
+@functools.cache
+def drift_window_size() -> Gauge:
+    return _drift_gauge("drift_window_size", "Images in the window the last test used.")
+
+
+@functools.cache
+def drift_reference_size() -> Gauge:
+    return _drift_gauge("drift_reference_size", "Training images in the reference sample.")
+
+
+@functools.cache
+def drift_last_computed() -> Gauge:
+    return _drift_gauge("drift_last_computed_timestamp_seconds",
+                        "Unix time of the last drift test.")

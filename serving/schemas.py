@@ -58,6 +58,30 @@ class VariantInfo(BaseModel):
     weight: float = Field(description="Relative share of traffic (rollout.variants).")
 
 
+class DriftStatus(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    window_size: int = Field(description="Images in the window the last test used.")
+    window_capacity: int
+    reference_size: int
+    observed: int = Field(description="Images this worker has seen since it started.")
+    observed_at_test: int = Field(description="... when the last test ran.")
+    statistic: float | None = Field(description="Kernel MMD; None before the first test.")
+    p_value: float | None
+    threshold: float
+    drift: bool | None = Field(description="p_value < threshold; None before the first test.")
+    last_computed: float | None = Field(description="Unix time of the last test.")
+    worker_pid: int
+
+
+class DriftReport(BaseModel):
+    enabled: bool
+    models: list[DriftStatus]
+    without_reference: list[str] = Field(
+        description="Served models exported without reference features (no drift test).")
+
+
 class ModelInfo(BaseModel):
     """The model that answers the caller (its routing key applies), and the others served."""
 

@@ -173,6 +173,40 @@ class SecuritySettings(_Section):
     )
 
 
+class DriftSettings(_Section):
+    """Online drift detection (serving/drift.py), per worker, for models exported with reference
+    features."""
+
+    enabled: bool = True
+    window_size: int = Field(default=500, ge=20, le=20_000,
+                             description="Recent images whose features are tested.")
+    min_samples: int = Field(default=100, ge=10,
+                             description="No test before the window holds this many images.")
+    interval_s: float = Field(default=30.0, gt=0, description="Seconds between tests.")
+    reference_size: int = Field(default=500, ge=20,
+                                description="Reference images used (a fixed subsample of the "
+                                "stored ones); with window_size, this sets each test's cost.")
+    permutations: int = Field(default=1000, ge=100, le=100_000,
+                              description="Random relabellings for the p-value.")
+    p_value_threshold: float = Field(default=0.01, gt=0, lt=1,
+                                     description="Drift is flagged when the p-value is below.")
+
+    @model_validator(mode="after")
+    def _min_fits_window(self) -> DriftSettings:
+        if self.min_samples > self.window_size:
+            raise ValueError("drift.min_samples is larger than drift.window_size")
+        return self
+
+
+class RequestLogSettings(_Section):
+    enabled: bool = Field(
+        default=True,
+        description="One JSON line per API request on stdout (logger image_classifier.requests): "
+        "request id, route, status, outcome, latency, model tags, top class and confidence per "
+        "image. Never image bytes.",
+    )
+
+
 class ResponseSettings(_Section):
     top_k: int = Field(default=3, ge=1, description="Classes listed per image in `top_k`.")
 
@@ -184,6 +218,8 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     response: ResponseSettings = ResponseSettings()
     security: SecuritySettings = SecuritySettings()
+    drift: DriftSettings = DriftSettings()
+    request_log: RequestLogSettings = RequestLogSettings()
 
     @model_validator(mode="after")
     def _one_request_fits_one_batch(self) -> Settings:

@@ -43,6 +43,7 @@ class Shadow:
         self._queue: queue.Queue[Copy] = queue.Queue(maxsize=queue_batches)
         self._sample = np.random.default_rng(seed)
         self._compared = self._agreed = 0
+        metrics.shadow_dropped().labels(tag).inc(0)  # the series exists (at 0) from the start
         self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
         self._thread.start()
 

@@ -17,6 +17,7 @@ from .data import Split, channel_stats, load_digits_split, load_image_folder
 from .examples import write_examples
 from .export import ServingWrapper, check_head_split, export_all
 from .models import build_model, split_head
+from .reference import write_reference
 from .store import library_versions, save_to_store
 from .train import accuracy, class_accuracy, to_float, train
 
@@ -96,6 +97,8 @@ def train_and_export(config: TrainConfig) -> str:
         artifacts, parity = export_all(
             wrapper, split.holdout_x, Path(tmp), config.parity_tolerance
         )
+        reference_file, reference = write_reference(artifacts[0], split.train_x, Path(tmp),
+                                                    config.seed, "training split")
         card = ModelCard(
             name=config.name,
             architecture=config.architecture,
@@ -105,6 +108,7 @@ def train_and_export(config: TrainConfig) -> str:
             parity=Parity(**vars(parity)),
             accuracy={"holdout": holdout_accuracy},
             class_accuracy=per_class,
+            drift_reference=reference,
             training={**config.to_record(), "train_seconds": round(train_seconds, 1)},
             lineage={
                 **data_lineage,
@@ -115,7 +119,7 @@ def train_and_export(config: TrainConfig) -> str:
         )
         tag = save_to_store(
             card,
-            artifacts,
+            [*artifacts, reference_file],
             store_labels={"task": "image-classification", "architecture": config.architecture,
                           "dataset": "image-folder" if config.data_dir else "sklearn-digits"},
         )

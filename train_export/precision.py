@@ -34,6 +34,7 @@ from serving.contract import ONNX_FILE, ModelCard
 from .config import TrainConfig
 from .data import Split, load_digits_split, load_image_folder
 from .export import INPUT_NAME, MAX_IR_VERSION, PROBABILITIES_NAME
+from .reference import write_reference
 from .store import save_to_store
 
 PRECISIONS = ("fp16", "int8")
@@ -156,6 +157,9 @@ def quantize(args: argparse.Namespace) -> list[str]:
                 to_int8(base_dir / ONNX_FILE, graph, calibration)
             per_class, figures = compare(fp32, probabilities(graph, split.holdout_x),
                                          split.holdout_y, card.labels)
+            # The variant's own features: what serving will compare its traffic with.
+            reference_file, reference = write_reference(
+                graph, split.train_x, Path(tmp), seed=0, source="training split")
             if precision == "int8":
                 figures["calibration_images"] = int(len(calibration))
             variant = card.model_copy(update={
@@ -163,11 +167,12 @@ def quantize(args: argparse.Namespace) -> list[str]:
                 "parity": None,  # parity is against the eager model; these figures are vs fp32
                 "accuracy": {"holdout": figures["accuracy"]},
                 "class_accuracy": per_class,
+                "drift_reference": reference,
                 "lineage": {**card.lineage, "precision": precision,
                             "derived_from": str(base.tag), "vs_fp32": figures},
                 "files": {},
             })
-            tag = save_to_store(variant, [graph], store_labels={
+            tag = save_to_store(variant, [graph, reference_file], store_labels={
                 "task": "image-classification", "precision": precision,
                 "derived_from": str(base.tag).replace(":", "-")})
         tags.append(tag)

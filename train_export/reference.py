@@ -1,0 +1,30 @@
+"""Reference features for drift detection: the exported graph's own `features` output on a sample
+of the training images, computed by ONNX Runtime so that they are exactly what serving computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.contract import REFERENCE_FILE, DriftReference
+
+from .export import FEATURES_NAME, INPUT_NAME
+
+# Enough for a stable median bandwidth and a sensitive test; serving subsamples it
+# (drift.reference_size) to bound the cost of each test.
+REFERENCE_SAMPLES = 1000
+
+
+def write_reference(graph: Path, train_pixels: np.ndarray, directory: Path, seed: int,
+                    source: str) -> tuple[Path, DriftReference]:
+    rng = np.random.default_rng(seed)
+    sample = train_pixels[rng.permutation(len(train_pixels))[:REFERENCE_SAMPLES]]
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    features = np.concatenate([session.run([FEATURES_NAME], {INPUT_NAME: sample[i:i + 128]})[0]
+                               for i in range(0, len(sample), 128)]).astype(np.float32)
+    path = Path(directory) / REFERENCE_FILE
+    np.save(path, features)
+    return path, DriftReference(samples=len(features), source=f"{source}, {len(features)} images "
+                                f"drawn with seed {seed}")
