@@ -10,7 +10,7 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-shadow bench-precision soak clean
+.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-shadow bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
 	@echo "make bench-shadow  the cost of a shadow model to served latency -> docs/shadow.md (about 4 min)"
 	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
+	@echo "make drift-report  offline drift investigation -> docs/drift.md + docs/drift.png"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
 
 venv: $(BIN)/.installed
@@ -54,6 +55,11 @@ build: model
 # bentoml build + bentoml containerize (a local Debian base where Docker Hub is out of reach).
 container: model
 	$(BIN)/python deploy/container/container.py build
+
+# The offline drift investigation: p-values per kernel and stream, and the embeddings figure
+# (about 2 min); writes docs/drift.md and docs/drift.png.
+drift-report: model
+	$(BIN)/python -m train_export.drift_report
 
 # Build, `docker run --network host`, check /readyz, a prediction, the model tag, a non-root user,
 # no torch and no training code inside; starts (and stops) its own dockerd if none answers.
