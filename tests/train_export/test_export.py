@@ -8,7 +8,8 @@ import bentoml
 import onnx
 import pytest
 
-from serving.contract import CARD_FILE, ONNX_FILE, TORCHSCRIPT_FILE, ModelCard, sha256_of
+from serving.contract import (CARD_FILE, ONNX_FILE, REFERENCE_FILE, TORCHSCRIPT_FILE, ModelCard,
+                              sha256_of)
 from tests.helpers import python
 
 
@@ -38,7 +39,7 @@ def test_card_is_complete_and_files_match_their_hashes(trained_model: str, model
     assert card.training["seed"] == 0 and card.training["epochs"] > 0
     assert len(card.lineage["data_sha256"]) == 64
     assert {"torch", "onnxruntime", "bentoml"} <= set(card.lineage["versions"])
-    assert set(card.files) == {ONNX_FILE, TORCHSCRIPT_FILE}
+    assert set(card.files) == {ONNX_FILE, TORCHSCRIPT_FILE, REFERENCE_FILE}
     for name, digest in card.files.items():
         assert sha256_of(model_dir / name) == digest, f"{name} does not match its card hash"
     stored = bentoml.models.get(trained_model)
@@ -96,3 +97,14 @@ def test_a_torchvision_architecture_exports_and_runs_in_onnxruntime(trained_mode
     runtime = OnnxRuntime(entry / ONNX_FILE, card.input, card.graph, providers=["cpu"])
     probabilities, features = runtime.run(np.zeros((3, 32, 32, 3), dtype=np.uint8))
     assert probabilities.shape == (3, 10) and features.shape == (3, card.graph.feature_dim)
+
+
+def test_reference_features_are_the_graph_features_of_training_images(model_dir: Path) -> None:
+    import numpy as np
+
+    card = ModelCard.read(model_dir)
+    reference = np.load(model_dir / REFERENCE_FILE)
+    assert card.drift_reference is not None
+    assert reference.shape == (card.drift_reference.samples, card.graph.feature_dim) == (1000, 128)
+    assert reference.dtype == np.float32 and np.isfinite(reference).all()
+    assert "training split" in card.drift_reference.source
