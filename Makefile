@@ -10,7 +10,7 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-shadow bench-precision soak drift-report clean
+.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -20,7 +20,7 @@ help:
 	@echo "make container        bentoml build + containerize -> image-classifier:latest"
 	@echo "make container-smoke  build, docker run, check it as a user would, clean up"
 	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
-	@echo "make bench-shadow  the cost of a shadow model to served latency -> docs/shadow.md (about 4 min)"
+	@echo "make bench-overhead  cost of request log, drift and a shadow to served latency -> docs/overhead.md"
 	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
 	@echo "make drift-report  offline drift investigation -> docs/drift.md + docs/drift.png"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
@@ -80,11 +80,11 @@ soak: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
-# The cost of a shadow model to the served answers: alternating servers without and with one
-# (about 4 min); writes docs/shadow.md.
-bench-shadow: $(BIN)/.bench-installed
+# What the request log, drift detection and a shadow cost the served answers: alternating
+# servers (about 6 min); writes docs/overhead.md.
+bench-overhead: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(BIN)/python -m bench.shadow $(BENCH_ARGS)
+	$(BIN)/python -m bench.overhead $(BENCH_ARGS)
 
 # fp32 / fp16 / int8 of the default model and a resnet18: accuracy and CPU throughput
 # (about 6 min, most of it training the resnet18 once); writes docs/precision.md.

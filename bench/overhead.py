@@ -1,0 +1,164 @@
+"""`make bench-overhead`: what observability and a shadow model cost the served answers.
+
+The default model served by `bentoml serve` in three configurations, alternating for `--rounds`
+rounds (connections land on the workers unevenly from one server start to the next, so single
+runs mislead):
+- bare: the request log and drift detection off, no shadow;
+- shipped: configuration.yaml as shipped (JSON request log, online drift detection);
+- shipped + shadow: and a shadow (the same graph again, `fraction: 1.0`: every image inferred
+  twice, the shadow costs what the served model costs).
+Each server gets: capacity (closed-loop wrk, 16 connections), then latency at a fixed rate
+(bench/paced.lua, half the first bare capacity); /metrics then says how many images the shadow
+compared and dropped in each phase. Writes docs/overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.__main__ import ROOT, WORK
+
+CONNECTIONS = 16
+PACED_CONNECTIONS = 32
+WARMUP_S = 3
+BARE = {"image_classifier": {"request_log": {"enabled": False}, "drift": {"enabled": False}}}
+
+
+def configurations(tag: str) -> dict[str, dict]:
+    return {
+        "bare": BARE,
+        "shipped": {},
+        "shipped + shadow": {"image_classifier": {"rollout": {
+            "shadow": {"tag": tag, "fraction": 1.0}}}},
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10, help="per measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.md")
+    return parser.parse_args()
+
+
+def shadow_counts(url: str) -> tuple[float, float]:
+    from bench.load import metric_samples
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    compared = sum(v for _, v in metric_samples(text, "image_classifier_shadow_comparisons_total"))
+    dropped = sum(v for _, v in metric_samples(text, "image_classifier_shadow_dropped_total"))
+    return compared, dropped
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ["BENTOML_HOME"] = str(WORK / "home")  # the bench store, before bentoml loads
+    import bentoml
+
+    from bench import report, servers
+    from bench.assets import MODELS, ensure_model
+    from bench.load import run_wrk
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    tag = ensure_model(MODELS["digits"], WORK / "home", ROOT)
+    model_dir = Path(bentoml.models.get(tag).path)
+    image = ROOT / "examples" / "digit_7_00.png"
+    rows, rate = [], 0.0
+    started = time.strftime("%Y-%m-%d %H:%M")
+    for round_number in range(args.rounds):
+        for name, overrides in configurations(tag).items():
+            with servers.serve("bentoml", tag, model_dir, WORK, overrides) as running:
+                def load(seconds, connections=CONNECTIONS, at=0.0):
+                    return run_wrk(running.url, running.pid, image, connections, seconds,
+                                   sample_batches=False, rate=at, content_type="image/png")
+
+                load(WARMUP_S)
+                capacity = load(args.seconds)
+                saturated = shadow_counts(running.url)
+                rate = rate or capacity.throughput / 2
+                paced = load(args.seconds, PACED_CONNECTIONS, rate)
+                time.sleep(1)  # the copies of the last answers
+                after = shadow_counts(running.url)
+            row = {"round": round_number + 1, "config": name, "capacity": capacity,
+                   "paced": paced, "saturated": saturated,
+                   "at_rate": (after[0] - saturated[0], after[1] - saturated[1])}
+            rows.append(row)
+            print(f"round {round_number + 1} {name}: {capacity.throughput:.0f}/s, "
+                  f"p50 {paced.p50_ms:.1f} ms, p99 {paced.p99_ms:.1f} ms at {rate:.0f}/s; "
+                  f"shadow compared/dropped {row['saturated']} saturated, {row['at_rate']} "
+                  "at the rate", flush=True)
+    write_report(args, rows, rate, tag, started, report.machine())
+
+
+def write_report(args, rows: list[dict], rate: float, tag: str, started: str,
+                 machine: dict) -> None:
+    names = list(dict.fromkeys(r["config"] for r in rows))
+
+    def median(name: str, pick) -> float:
+        return statistics.median(pick(r) for r in rows if r["config"] == name)
+
+    def errors(r) -> int:
+        result = r["paced"]
+        return result.status_429 + result.status_503 + result.status_504 + result.other_errors
+
+    def shadow_cells(r) -> str:
+        if r["saturated"] == (0, 0) and r["at_rate"] == (0, 0):
+            return " | "
+        return (f"{r['saturated'][0]:.0f} / {r['saturated'][1]:.0f} | "
+                f"{r['at_rate'][0]:.0f} / {r['at_rate'][1]:.0f}")
+
+    lines = [f"| {r['round']} | {r['config']} | {r['capacity'].throughput:.0f} | "
+             f"{r['paced'].p50_ms:.1f} | {r['paced'].p99_ms:.1f} | {errors(r)} | "
+             f"{shadow_cells(r)} |" for r in rows]
+    summary = [
+        ("capacity, answers/s (closed loop)", lambda r: r["capacity"].throughput, "{:.0f}"),
+        (f"p50 at {rate:.0f}/s, ms", lambda r: r["paced"].p50_ms, "{:.1f}"),
+        (f"p99 at {rate:.0f}/s, ms", lambda r: r["paced"].p99_ms, "{:.1f}"),
+    ]
+    summary_lines = [f"| {label} | " + " | ".join(fmt.format(median(n, pick)) for n in names)
+                     + " |" for label, pick, fmt in summary]
+    args.out.write_text(f"""# What observability and a shadow cost the served answers
+
+`make bench-overhead` (bench/overhead.py), started {started}, on {machine['cpu']}
+({machine['cores']} cores, {machine['memory_gib']} GiB), {machine['os']}.
+
+The default model (`{tag}`) served by `bentoml serve`, in three configurations:
+**bare** (request log and drift detection off, no shadow), **shipped** (configuration.yaml as
+shipped: one JSON log line per request, online drift detection), and **shipped + shadow**
+(`rollout.shadow` = the same graph, `fraction: 1.0`, so that every image is inferred twice).
+wrk posts examples/digit_7_00.png: closed loop with {CONNECTIONS} connections for {args.seconds} s
+(capacity), then {PACED_CONNECTIONS} connections at a fixed {rate:.0f} requests/s (half the
+first bare capacity) for {args.seconds} s (latency). A new server for each row, the three
+configurations alternating, {args.rounds} rounds.
+
+Medians over the rounds:
+
+| | {" | ".join(names)} |
+|---|{"---|" * len(names)}
+{chr(10).join(summary_lines)}
+
+Every run:
+
+| round | configuration | capacity, answers/s | p50, ms | p99, ms | errors (paced) | shadow compared / dropped, closed loop | ... at the fixed rate |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(lines)}
+
+How the shadow stays off the request path (serving/shadow.py): the answered batch is handed to
+one thread through a queue of `queue_batches` batches; when that is full the copy is dropped and
+counted (`image_classifier_shadow_dropped_total`), never waited for. The thread runs at nice 19
+with a one-thread ONNX Runtime session, so on a saturated CPU the served requests get the cores
+and the shadow sees a sample (the dropped columns). The drift test runs the same way, every
+`drift.interval_s`; on the request path there is only a copy of each batch's features.
+""")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
