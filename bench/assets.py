@@ -63,6 +63,19 @@ def write_images(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def default_bench_model() -> tuple[str, Path]:
+    """The default digits model in the bench's own store (exported there on first use): its tag
+    and directory. Sets BENTOML_HOME, so call it before anything imports bentoml."""
+    from bench.__main__ import ROOT, WORK
+
+    os.environ["BENTOML_HOME"] = str(WORK / "home")
+    WORK.mkdir(parents=True, exist_ok=True)
+    tag = ensure_model(MODELS["digits"], WORK / "home", ROOT)
+    import bentoml
+
+    return tag, Path(bentoml.models.get(tag).path)
+
+
 def ensure_model(model: BenchModel, home: Path, root: Path) -> str:
     """Export `model` into the bench store through the project's CLI unless it is there."""
     env = {**os.environ, "BENTOML_HOME": str(home)}

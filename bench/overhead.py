@@ -15,7 +15,6 @@ compared and dropped in each phase. Writes docs/overhead.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import httpx
 
 from bench.__main__ import ROOT, WORK
 
-CONNECTIONS = 16
+CONNECTIONS = 64  # closed loop; enough connections that both workers get a share
 PACED_CONNECTIONS = 32
 WARMUP_S = 3
 BARE = {"image_classifier": {"request_log": {"enabled": False}, "drift": {"enabled": False}}}
@@ -33,6 +32,8 @@ BARE = {"image_classifier": {"request_log": {"enabled": False}, "drift": {"enabl
 def configurations(tag: str) -> dict[str, dict]:
     return {
         "bare": BARE,
+        "request log only": {"image_classifier": {"drift": {"enabled": False}}},
+        "drift only": {"image_classifier": {"request_log": {"enabled": False}}},
         "shipped": {},
         "shipped + shadow": {"image_classifier": {"rollout": {
             "shadow": {"tag": tag, "fraction": 1.0}}}},
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10, help="per measurement")
+    parser.add_argument("--configs", nargs="+", default=["bare", "shipped", "shipped + shadow"],
+                        help="which of: bare, 'request log only', 'drift only', shipped, "
+                        "'shipped + shadow'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.md")
     return parser.parse_args()
 
@@ -59,21 +63,18 @@ def shadow_counts(url: str) -> tuple[float, float]:
 
 def main() -> None:
     args = parse_args()
-    os.environ["BENTOML_HOME"] = str(WORK / "home")  # the bench store, before bentoml loads
-    import bentoml
+    from bench.assets import default_bench_model
 
+    tag, model_dir = default_bench_model()  # before bentoml is imported: the bench's store
     from bench import report, servers
-    from bench.assets import MODELS, ensure_model
     from bench.load import run_wrk
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    tag = ensure_model(MODELS["digits"], WORK / "home", ROOT)
-    model_dir = Path(bentoml.models.get(tag).path)
     image = ROOT / "examples" / "digit_7_00.png"
     rows, rate = [], 0.0
     started = time.strftime("%Y-%m-%d %H:%M")
     for round_number in range(args.rounds):
-        for name, overrides in configurations(tag).items():
+        for name in args.configs:
+            overrides = configurations(tag)[name]
             with servers.serve("bentoml", tag, model_dir, WORK, overrides) as running:
                 def load(seconds, connections=CONNECTIONS, at=0.0):
                     return run_wrk(running.url, running.pid, image, connections, seconds,

@@ -12,7 +12,6 @@ Writes docs/soak.md (target: 0 errors, RSS growth <= 10%).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -67,16 +66,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    os.environ["BENTOML_HOME"] = str(WORK / "home")  # the bench store, before bentoml loads
+    from bench.assets import default_bench_model
+
+    tag, model_dir = default_bench_model()  # before bentoml is imported: the bench's store
     from bench import report, servers
-    from bench.assets import MODELS, ensure_model
     from bench.load import run_wrk
 
-    import bentoml
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    tag = ensure_model(MODELS["digits"], WORK / "home", ROOT)
-    model_dir = Path(bentoml.models.get(tag).path)
     image = ROOT / "examples" / "digit_7_00.png"
 
     def load(seconds: float, connections: int = CONNECTIONS, rate: float = 0):
