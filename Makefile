@@ -44,9 +44,11 @@ train: venv
 serve: model
 	$(BIN)/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
 
-# The Swagger UI test drives Debian's Chromium (Playwright's own browser download needs internet).
+# The Swagger UI test drives Debian's Chromium (Playwright's own browser download needs internet);
+# the monitoring test runs Debian's Prometheus against a real server.
 test: venv
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 build: model

@@ -4,12 +4,13 @@ queries name metrics the service exports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -109,7 +110,7 @@ def test_one_json_line_per_request_and_never_the_image(observed, holdout, traine
         bad = client.post("/classify", headers={"X-Request-ID": "req-bad-1"},
                           files=[("images", ("c.png", image[:40]))])
         unnamed = client.post("/model_info", json={})
-    assert ok.headers["x-request-id"] == "req-ok-1"
+    assert ok.headers["x-request-id"] == "req-ok-1" and bad.status_code == 400
     assert len(unnamed.headers["x-request-id"]) == 32, "a new id when the caller sends none"
     lines = log_lines(observed, {"req-ok-1", "req-bad-1", unnamed.headers["x-request-id"]})
     line = lines["req-ok-1"]
@@ -199,3 +200,69 @@ def test_the_prometheus_config_scrapes_the_service() -> None:
     alerts = yaml.safe_load((MONITORING / config["rule_files"][0]).read_text())
     alert_names = {r["expr"] for g in alerts["groups"] for r in g["rules"]}
     assert any("image_classifier_drift_detected" in e for e in alert_names)
+
+
+@pytest.fixture
+def prometheus(observed, tmp_path):
+    """A real Prometheus (Debian's package) scraping the observed server every second, with the
+    shipped alert rules; stopped by its PID."""
+    from tests.helpers import free_port, stop
+
+    shipped = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    job = shipped["scrape_configs"][0]
+    job["scrape_interval"] = "1s"
+    job["static_configs"][0]["targets"] = [observed.url.removeprefix("http://")]
+    shipped["rule_files"] = [str(MONITORING / name) for name in shipped["rule_files"]]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump(shipped))
+    url = f"http://127.0.0.1:{free_port()}"
+    log = open(tmp_path / "prometheus.log", "w")
+    process = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address={url.removeprefix('http://')}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Ready, then the first scrape: Prometheus hands targets to its scrapers every 5 s.
+        for _ in range(300):
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):  # not up yet
+                if query(url, 'count({job="image-classifier"})')["data"]["result"]:
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop(process)
+        log.close()
+
+
+def query(prometheus: str, expr: str) -> dict:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    return response.json()
+
+
+def test_the_dashboard_queries_run_in_prometheus(observed, prometheus, holdout) -> None:
+    for name in ("prometheus.yml", "alerts.yml"):
+        kind = "config" if name == "prometheus.yml" else "rules"
+        checked = subprocess.run(["promtool", "check", kind, str(MONITORING / name)],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Traffic while Prometheus scrapes: rates need two scrapes with something in between.
+    for _ in range(4):
+        send_stream(observed, holdout.holdout_x[:50])
+        httpx.post(f"{observed.url}/classify", files=[("images", ("x.png", b"not an image")),
+                                                      ("images", ("7.png", png(holdout.holdout_x[0])))])
+        httpx.post(f"{observed.url}/classify", files=[("images", ("7.png", png(holdout.holdout_x[0])))])
+        httpx.post(f"{observed.url}/drift", json={"test_now": True}, timeout=60)
+        time.sleep(1.2)
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m")
+            answer = query(prometheus, expr)
+            assert answer["status"] == "success", (panel["title"], expr, answer)
+            if not answer["data"]["result"]:
+                empty.append(panel["title"])
+    # Every panel shows data after this traffic (the shadow's drop share may be 0, not empty).
+    assert not empty, f"panels with no data: {sorted(set(empty))}"
+    up = query(prometheus, 'up{job="image-classifier"}')["data"]["result"]
+    assert up and up[0]["value"][1] == "1"
