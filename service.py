@@ -1,10 +1,13 @@
 """ImageClassifier: a BentoML service that classifies images with an ONNX graph from the model store.
 
-A request's path: `serving.admission` (API key, Content-Type, size, concurrency, timeout; every
-refusal as `{"error", "detail"}`) -> upload (`serving.uploads`: files only, a bounded count) ->
-`serving.preprocess.decode_image` (per request, while it is being parsed, so decoding runs beside
-the batch that is running, not behind it) -> BentoML's adaptive batcher ->
-`serving.runtime.OnnxRuntime` (one call per batch) -> `serving.postprocess` -> JSON.
+A request's path: `serving.request_log` (one JSON line when it is answered) ->
+`serving.admission` (API key, Content-Type, size, concurrency, timeout; every refusal as
+`{"error", "detail"}`) -> upload (`serving.uploads`: files only, a bounded count) ->
+`serving.routing` (which variant answers) -> `serving.preprocess.decode_image` (per request, while
+it is being parsed, so decoding runs beside the batch that is running, not behind it) ->
+BentoML's adaptive batcher -> `serving.runtime.OnnxRuntime` (one call per batch and variant; the
+features go to `serving.drift`'s window) -> `serving.postprocess` -> JSON; `serving.metrics`
+counts the answers and `serving.shadow` gets a copy, off the request path.
 No torch, no torchvision and no training code is imported here: the store entry's card.json says
 everything the service needs to know about the model.
 """
@@ -226,10 +229,10 @@ class ImageClassifier:
             # One thread: the shadow's session runs on its own (low-priority) thread only.
             self.shadow = Shadow(self._load(SHADOW, intra_op_threads=1), SHADOW.tag,
                                  shadow.fraction, shadow.queue_batches)
-        for variant, entry in zip(VARIANTS, SERVED):
+        for variant, entry, runtime in zip(VARIANTS, SERVED, self.runtimes):
             metrics.model_info().labels(entry.tag, "variant", f"{variant.weight:g}").set(1)
             logger.info("Serving %s (weight %g) on %s", entry.tag, variant.weight,
-                        self.runtimes[0].active_provider)
+                        runtime.active_provider)
         if SHADOW is not None:
             metrics.model_info().labels(SHADOW.tag, "shadow", "0").set(1)
             logger.info("Shadowing with %s on %.0f%% of images", SHADOW.tag,

@@ -85,6 +85,7 @@ def test_a_90_10_split_sends_10_percent_to_the_second_variant(ab_server, version
     shares = Counter(t for (t,) in tags)
     assert set(shares) == {v1, v2}
     low, high = binom.ppf([FALSE_ALARM / 2, 1 - FALSE_ALARM / 2], REQUESTS, V2_SHARE)
+    print(f"90/10 split: {shares[v2]} of {REQUESTS} requests to v2 (bounds {low:.0f}-{high:.0f})")
     assert low <= shares[v2] <= high, f"{shares[v2]} of {REQUESTS} to v2, outside [{low}, {high}]"
     after = httpx.get(f"{ab_server.url}/metrics").text
     for tag in (v1, v2):  # /metrics counts what the answers say, per variant

@@ -209,22 +209,22 @@ def test_an_onnx_file_from_elsewhere_serves_what_torch_computes(tmp_path) -> Non
     assert answer["class_id"] == int(np.argmax(expected))
 
 
+def import_exported_onnx(tmp_path: Path, batch: str, labels: str):
+    """Export a classifier elsewhere, then `import-onnx` it (default input spec)."""
+    model = tmp_path / f"{batch}.onnx"
+    export_onnx_classifier(model, batch)
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text(labels)
+    return python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
+                  str(labels_file), "--name", f"onnx-{batch}")
+
+
 def test_an_onnx_file_with_a_fixed_batch_says_how_to_export_it(tmp_path) -> None:
-    model = tmp_path / "fixed.onnx"
-    export_onnx_classifier(model, "fixed")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("north\neast\nsouth\nwest\n")
-    result = python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
-                    str(labels), "--name", "onnx-fixed")
+    result = import_exported_onnx(tmp_path, "fixed", "north\neast\nsouth\nwest\n")
     assert result.returncode != 0
     assert "dynamic batch axis" in result.stderr, result.stderr
 
 
 def test_labels_that_do_not_match_the_outputs_are_refused(tmp_path) -> None:
-    model = tmp_path / "classifier.onnx"
-    export_onnx_classifier(model, "dynamic")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("yes\nno\n")
-    result = python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
-                    str(labels), "--name", "onnx-mismatch")
+    result = import_exported_onnx(tmp_path, "dynamic", "yes\nno\n")
     assert result.returncode != 0 and "one score per label" in result.stderr, result.stderr
