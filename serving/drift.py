@@ -189,6 +189,8 @@ class DriftMonitor:
             pass
         while True:
             time.sleep(self.interval_s)
+            if self._observed == self._state.observed_at_test:
+                continue  # no new images since the last test: the same answer again
             try:
                 self.test_now()
             except Exception:  # the monitor must never take the service down
