@@ -15,6 +15,7 @@ compared and dropped in each phase. Writes docs/overhead.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -22,10 +23,12 @@ from pathlib import Path
 import httpx
 
 from bench.__main__ import ROOT, WORK
+from serving.settings import DriftSettings
 
 CONNECTIONS = 64  # closed loop; enough connections that both workers get a share
 PACED_CONNECTIONS = 32
 WARMUP_S = 3
+DRIFT = DriftSettings()
 BARE = {"image_classifier": {"request_log": {"enabled": False}, "drift": {"enabled": False}}}
 
 
@@ -49,7 +52,48 @@ def parse_args() -> argparse.Namespace:
                         help="which of: bare, 'request log only', 'drift only', shipped, "
                         "'shipped + shadow'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.md")
+    parser.add_argument("--micro", action="store_true",
+                        help="only time a request log line and a drift test, and print them")
     return parser.parse_args()
+
+
+def micro_costs() -> dict[str, float]:
+    """What the request log and a drift test cost on their own, in this process: one log line
+    (built from a one-image answer and written to /dev/null), and one test of a full default
+    window against the default reference."""
+    import json
+    import logging
+    import sys
+
+    import numpy as np
+
+    from serving.drift import kernel_mmd
+    from serving.request_log import log_line, request_logger
+    from serving.settings import DriftSettings
+
+    answer = json.dumps([{"label": "7", "class_id": 7, "confidence": 0.997, "top_k": [
+        {"label": "7", "class_id": 7, "probability": 0.997}], "model": "m:v1",
+        "processing_ms": 3.1}]).encode()
+    logger = request_logger()
+    handler = logger.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    stream = handler.setStream(open(os.devnull, "w"))
+    lines = 20_000
+    started = time.perf_counter()
+    for _ in range(lines):
+        logger.info(json.dumps(log_line({"method": "POST", "path": "/classify"}, "id", 200,
+                                        answer, 3.0)))
+    line_us = (time.perf_counter() - started) / lines * 1e6
+    handler.setStream(stream or sys.stdout)
+    drift = DriftSettings()
+    rng = np.random.default_rng(0)
+    window = rng.normal(size=(drift.window_size, 128)).astype(np.float32)
+    reference = rng.normal(size=(drift.reference_size, 128)).astype(np.float32)
+    kernel_mmd(window, reference, drift.permutations, rng=rng)  # warm-up
+    started = time.perf_counter()
+    for _ in range(5):
+        kernel_mmd(window, reference, drift.permutations, rng=rng)
+    return {"log_line_us": line_us, "drift_test_ms": (time.perf_counter() - started) / 5 * 1000}
 
 
 def shadow_counts(url: str) -> tuple[float, float]:
@@ -63,6 +107,9 @@ def shadow_counts(url: str) -> tuple[float, float]:
 
 def main() -> None:
     args = parse_args()
+    if args.micro:
+        print(micro_costs())
+        return
     from bench.assets import default_bench_model
 
     tag, model_dir = default_bench_model()  # before bentoml is imported: the bench's store
@@ -95,11 +142,11 @@ def main() -> None:
                   f"p50 {paced.p50_ms:.1f} ms, p99 {paced.p99_ms:.1f} ms at {rate:.0f}/s; "
                   f"shadow compared/dropped {row['saturated']} saturated, {row['at_rate']} "
                   "at the rate", flush=True)
-    write_report(args, rows, rate, tag, started, report.machine())
+    write_report(args, rows, rate, tag, started, report.machine(), micro_costs())
 
 
 def write_report(args, rows: list[dict], rate: float, tag: str, started: str,
-                 machine: dict) -> None:
+                 machine: dict, costs: dict[str, float]) -> None:
     names = list(dict.fromkeys(r["config"] for r in rows))
 
     def median(name: str, pick) -> float:
@@ -157,6 +204,12 @@ counted (`image_classifier_shadow_dropped_total`), never waited for. The thread 
 with a one-thread ONNX Runtime session, so on a saturated CPU the served requests get the cores
 and the shadow sees a sample (the dropped columns). The drift test runs the same way, every
 `drift.interval_s`; on the request path there is only a copy of each batch's features.
+
+On their own (`python -m bench.overhead --micro`): a request log line takes
+{costs['log_line_us']:.0f} us to build and write; a drift test of a full default window against
+the default reference ({DRIFT.window_size} vs {DRIFT.reference_size} images,
+{DRIFT.permutations} permutations) takes {costs['drift_test_ms']:.0f} ms, once per
+`drift.interval_s` per worker.
 """)
     print(args.out.read_text())
 
