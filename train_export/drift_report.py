@@ -28,6 +28,7 @@ from serving.contract import ONNX_FILE, ModelCard
 
 from .config import TrainConfig
 from .data import load_digits_split
+from .export import FEATURES_NAME, run_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 200
@@ -95,11 +96,6 @@ def drawn(count: int, size: int, seed: int, kind: str) -> np.ndarray:
     return np.stack(images)
 
 
-def features_of(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
-    return np.concatenate([session.run(["features"], {"pixels": pixels[i:i + 128]})[0]
-                           for i in range(0, len(pixels), 128)])
-
-
 def p_value(reference: np.ndarray, window: np.ndarray, kernel: str) -> float:
     detector = torchdrift.detectors.KernelMMDDriftDetector(
         return_p_value=True, n_perm=PERMUTATIONS, kernel=KERNELS[kernel]())
@@ -163,14 +159,14 @@ def main() -> None:
                               card.training.get("seed", config.seed))
     rng = np.random.default_rng(args.seed)
     reference_pixels = split.train_x[rng.permutation(len(split.train_x))[:REFERENCE]]
-    reference = features_of(session, reference_pixels)
+    reference = run_graph(session, FEATURES_NAME, reference_pixels)
     clean = split.holdout_x[rng.permutation(len(split.holdout_x))[:WINDOW]]
     size = card.input.height
     streams = {"clean held-out": clean,
                **{f"blur sigma {s:g}": blur(clean, s) for s in BLUR_SIGMAS},
                "shapes (OOD)": drawn(WINDOW, size, args.seed, "shapes"),
                "letters (OOD)": drawn(WINDOW, size, args.seed + 1, "letters")}
-    stream_features = {name: features_of(session, pixels) for name, pixels in streams.items()}
+    stream_features = {name: run_graph(session, FEATURES_NAME, pixels) for name, pixels in streams.items()}
 
     p_values = {(name, kernel): p_value(reference, feats, kernel)
                 for name, feats in stream_features.items() for kernel in KERNELS}
@@ -189,7 +185,7 @@ def false_alarms(session, holdout: np.ndarray, reference: np.ndarray, seed: int)
     from serving.drift import kernel_mmd
 
     rng = np.random.default_rng(seed + 100)
-    features = features_of(session, holdout)
+    features = run_graph(session, FEATURES_NAME, holdout)
     flagged = 0
     for _ in range(CLEAN_WINDOWS):
         window = features[rng.permutation(len(features))[:WINDOW]]

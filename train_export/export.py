@@ -151,6 +151,15 @@ def check_parity(
     return report
 
 
+def run_graph(graph: Path | ort.InferenceSession, output: str, pixels: np.ndarray,
+              batch: int = 128) -> np.ndarray:
+    """One output of an exported graph (ONNX Runtime, CPU) over many images, a batch at a time."""
+    session = graph if isinstance(graph, ort.InferenceSession) else ort.InferenceSession(
+        str(graph), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([output], {INPUT_NAME: pixels[i:i + batch]})[0]
+                           for i in range(0, len(pixels), batch)])
+
+
 def export_all(
     wrapper: ServingWrapper, holdout: np.ndarray, directory: Path, tolerance: float
 ) -> tuple[list[Path], ParityReport]:

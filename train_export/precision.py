@@ -27,13 +27,12 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from serving.contract import ONNX_FILE, ModelCard
 
 from .config import TrainConfig
 from .data import Split, load_digits_split, load_image_folder
-from .export import INPUT_NAME, MAX_IR_VERSION, PROBABILITIES_NAME
+from .export import INPUT_NAME, MAX_IR_VERSION, PROBABILITIES_NAME, run_graph
 from .reference import write_reference
 from .store import save_to_store
 
@@ -111,12 +110,6 @@ def to_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
         onnx.save(model, str(target))
 
 
-def probabilities(graph: Path, pixels: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([PROBABILITIES_NAME], {INPUT_NAME: pixels[i:i + 64]})[0]
-                           for i in range(0, len(pixels), 64)])
-
-
 def compare(fp32: np.ndarray, variant: np.ndarray, truth: np.ndarray,
             labels: list[str]) -> tuple[dict, dict]:
     base_accuracy = float((fp32.argmax(1) == truth).mean())
@@ -143,7 +136,7 @@ def quantize(args: argparse.Namespace) -> list[str]:
         raise SystemExit(f"{base.tag} is already a {card.lineage['precision']} variant; "
                          "quantize the fp32 model it came from")
     split = evaluation_data(card, args.data)
-    fp32 = probabilities(base_dir / ONNX_FILE, split.holdout_x)
+    fp32 = run_graph(base_dir / ONNX_FILE, PROBABILITIES_NAME, split.holdout_x)
     rng = np.random.default_rng(0)
     calibration = split.train_x[rng.permutation(len(split.train_x))[:args.calibration_images]]
     tags = []
@@ -155,7 +148,7 @@ def quantize(args: argparse.Namespace) -> list[str]:
                 to_fp16(base_dir / ONNX_FILE, graph)
             else:
                 to_int8(base_dir / ONNX_FILE, graph, calibration)
-            per_class, figures = compare(fp32, probabilities(graph, split.holdout_x),
+            per_class, figures = compare(fp32, run_graph(graph, PROBABILITIES_NAME, split.holdout_x),
                                          split.holdout_y, card.labels)
             # The variant's own features: what serving will compare its traffic with.
             reference_file, reference = write_reference(

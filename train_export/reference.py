@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from serving.contract import REFERENCE_FILE, DriftReference
 
-from .export import FEATURES_NAME, INPUT_NAME
+from .export import FEATURES_NAME, run_graph
 
 # Enough for a stable median bandwidth and a sensitive test; serving subsamples it
 # (drift.reference_size) to bound the cost of each test.
@@ -21,9 +20,7 @@ def write_reference(graph: Path, train_pixels: np.ndarray, directory: Path, seed
                     source: str) -> tuple[Path, DriftReference]:
     rng = np.random.default_rng(seed)
     sample = train_pixels[rng.permutation(len(train_pixels))[:REFERENCE_SAMPLES]]
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    features = np.concatenate([session.run([FEATURES_NAME], {INPUT_NAME: sample[i:i + 128]})[0]
-                               for i in range(0, len(sample), 128)]).astype(np.float32)
+    features = run_graph(graph, FEATURES_NAME, sample).astype(np.float32)
     path = Path(directory) / REFERENCE_FILE
     np.save(path, features)
     return path, DriftReference(samples=len(features), source=f"{source}, {len(features)} images "
