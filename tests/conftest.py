@@ -17,7 +17,7 @@ os.environ.pop("BENTOML_CONFIG", None)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import ROOT, RunningServer, python, start_server  # noqa: E402
+from tests.helpers import ROOT, RunningServer, python, saved_tag, start_server  # noqa: E402
 from train_export.config import TrainConfig  # noqa: E402
 from train_export.data import Split, load_digits_split  # noqa: E402
 
@@ -40,8 +40,7 @@ def trained_model(bentoml_home: Path, examples_dir: Path) -> str:
     """Train and export the default model once, the way a user does: `python -m train_export`."""
     result = python("-m", "train_export", "--examples-dir", str(examples_dir), timeout=600)
     assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
-    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("held-out accuracy"))
-    return line.rsplit("saved ", 1)[1].split()[0]
+    return saved_tag(result.stdout)
 
 
 @pytest.fixture(scope="session")

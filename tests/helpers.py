@@ -28,6 +28,12 @@ def python(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float
     )
 
 
+def saved_tag(training_output: str) -> str:
+    """The tag `python -m train_export` prints on its last line: '... | saved name:version in 9s'."""
+    line = next(ln for ln in training_output.splitlines() if ln.startswith("held-out accuracy"))
+    return line.rsplit("saved ", 1)[1].split()[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

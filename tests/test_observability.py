@@ -16,9 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from tests.helpers import ROOT, metric_samples, metric_total, start_server, write_config
+from train_export.drift_report import blur
 
 MONITORING = ROOT / "deploy" / "monitoring"
 WINDOW = 200
@@ -125,11 +126,6 @@ def test_one_json_line_per_request_and_never_the_image(observed, holdout, traine
     assert "PNG" not in "".join(ln for ln in log.splitlines() if ln.startswith('{"ts"'))
 
 
-def blurred(pixels: np.ndarray, sigma: float) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(p[..., 0]).filter(
-        ImageFilter.GaussianBlur(sigma)))[..., None] for p in pixels])
-
-
 def send_stream(server, pixels: np.ndarray) -> None:
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for start in range(0, len(pixels), 25):
@@ -155,7 +151,7 @@ def test_drift_flags_blurred_digits_and_not_clean_ones(observed, holdout, seed) 
     state = drift_now(observed)
     assert state["window_size"] == WINDOW and state["reference_size"] == 500
     assert state["drift"] is False, state
-    send_stream(observed, blurred(clean, sigma=2.0))
+    send_stream(observed, blur(clean, sigma=2.0))
     state = drift_now(observed)
     assert state["drift"] is True and state["p_value"] < state["threshold"], state
     metrics = scrape(observed)

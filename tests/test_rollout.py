@@ -20,7 +20,8 @@ import pytest
 from scipy.stats import binom
 
 from serving.contract import ONNX_FILE
-from tests.helpers import BIN, ROOT, metric_total, python, start_server, write_config
+from tests.helpers import (BIN, ROOT, metric_total, python, saved_tag, start_server,
+                           write_config)
 
 NAME = "rollout-digits"
 REQUESTS = 2000
@@ -34,8 +35,7 @@ def train_version(seed: int) -> str:
     result = python("-m", "train_export", "--name", NAME, "--epochs", "1", "--seed", str(seed),
                     "--examples-dir", "", timeout=600)
     assert result.returncode == 0, result.stderr
-    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("held-out accuracy"))
-    return line.rsplit("saved ", 1)[1].split()[0]
+    return saved_tag(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,8 @@ def local_classes(tag: str, pixels: np.ndarray) -> np.ndarray:
 def test_the_shadow_is_compared_and_never_answers(versions, holdout, tmp_path):
     v1, v2 = versions
     config = write_config(tmp_path / "shadow.yaml", {
-        "model": {"tag": v1}, "rollout": {"shadow": {"tag": v2, "fraction": 1.0}}}, workers=2)
+        "model": {"tag": v1}, "rollout": {"shadow": {"tag": v2, "fraction": 1.0,
+                                                     "queue_batches": 64}}}, workers=2)
     count, per_request = 40, 8
     pixels = holdout.holdout_x[:count * per_request]
     with start_server(["service:ImageClassifier"], cwd=ROOT, log_dir=tmp_path,
@@ -143,11 +144,11 @@ def test_the_shadow_is_compared_and_never_answers(versions, holdout, tmp_path):
                           agree="true")
     compared = metric_total(metrics, "image_classifier_shadow_comparisons_total", shadow=v2)
     dropped = metric_total(metrics, "image_classifier_shadow_dropped_total", shadow=v2)
-    assert compared + dropped == len(pixels)
-    assert compared > 0
-    if dropped == 0:  # every copy compared: the agreement is exactly what the two graphs say
-        expected = int((local_classes(v1, pixels) == local_classes(v2, pixels)).sum())
-        assert agreed == expected
+    # A queue that holds all 40 batches: none is dropped, so every image is compared and the
+    # agreement is exactly what the two graphs say on the same pixels.
+    assert (compared, dropped) == (len(pixels), 0)
+    expected = int((local_classes(v1, pixels) == local_classes(v2, pixels)).sum())
+    assert agreed == expected
     assert metric_total(metrics, "image_classifier_shadow_inference_seconds_count", shadow=v2) > 0
     assert metric_total(metrics, "image_classifier_model_info", model=v2, role="shadow") == 1
     assert f"shadow {v2} agreed with the served answer on" in server.log_text()

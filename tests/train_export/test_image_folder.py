@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from serving.contract import ModelCard
-from tests.helpers import ROOT, python, start_server, write_config
+from tests.helpers import ROOT, python, saved_tag, start_server, write_config
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -54,8 +54,7 @@ def shapes_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     result = python("-m", "train_export", "--data", str(root), "--name", "shapes",
                     "--input-size", "32", "--epochs", "12", "--examples-dir", "", timeout=600)
     assert result.returncode == 0, result.stderr
-    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("held-out accuracy"))
-    return line.rsplit("saved ", 1)[1].split()[0], root
+    return saved_tag(result.stdout), root
 
 
 def test_the_card_has_the_folder_labels_and_per_class_accuracy(shapes_model) -> None:
