@@ -83,7 +83,7 @@ soak: $(BIN)/.bench-installed
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # What the request log, drift detection and a shadow cost the served answers: alternating
-# servers (about 6 min); writes docs/overhead.md.
+# servers, five configurations x 3 rounds (about 10 min); writes docs/overhead.md.
 bench-overhead: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.overhead $(BENCH_ARGS)

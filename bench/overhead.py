@@ -1,14 +1,11 @@
 """`make bench-overhead`: what observability and a shadow model cost the served answers.
 
-The default model served by `bentoml serve` in three configurations, alternating for `--rounds`
-rounds (connections land on the workers unevenly from one server start to the next, so single
-runs mislead):
-- bare: the request log and drift detection off, no shadow;
-- shipped: configuration.yaml as shipped (JSON request log, online drift detection);
-- shipped + shadow: and a shadow (the same graph again, `fraction: 1.0`: every image inferred
-  twice, the shadow costs what the served model costs).
-Each server gets: capacity (closed-loop wrk, 16 connections), then latency at a fixed rate
-(bench/paced.lua, half the first bare capacity); /metrics then says how many images the shadow
+The default model served by `bentoml serve` in five configurations (DESCRIPTIONS: bare,
+the request log alone, drift detection alone, as shipped, as shipped plus a shadow of the same
+graph at `fraction: 1.0`), alternating for `--rounds` rounds: connections land on the workers
+unevenly from one server start to the next, so single runs mislead. Each server gets: capacity
+(closed-loop wrk, 64 connections), then latency at a fixed rate (bench/paced.lua, half the
+first bare capacity); /metrics then says how many images the shadow
 compared and dropped in each phase. Writes docs/overhead.md.
 """
 
@@ -32,6 +29,16 @@ DRIFT = DriftSettings()
 BARE = {"image_classifier": {"request_log": {"enabled": False}, "drift": {"enabled": False}}}
 
 
+DESCRIPTIONS = {
+    "bare": "request log and drift detection off, no shadow",
+    "request log only": "the JSON request log on, drift detection off",
+    "drift only": "drift detection on, the request log off",
+    "shipped": "configuration.yaml as shipped: request log and drift detection on",
+    "shipped + shadow": "and `rollout.shadow` = the same graph, `fraction: 1.0` (every image "
+                        "inferred twice)",
+}
+
+
 def configurations(tag: str) -> dict[str, dict]:
     return {
         "bare": BARE,
@@ -48,7 +55,7 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10, help="per measurement")
-    parser.add_argument("--configs", nargs="+", default=["bare", "shipped", "shipped + shadow"],
+    parser.add_argument("--configs", nargs="+", default=list(DESCRIPTIONS),
                         help="which of: bare, 'request log only', 'drift only', shipped, "
                         "'shipped + shadow'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "overhead.md")
@@ -172,18 +179,46 @@ def write_report(args, rows: list[dict], rate: float, tag: str, started: str,
     ]
     summary_lines = [f"| {label} | " + " | ".join(fmt.format(median(n, pick)) for n in names)
                      + " |" for label, pick, fmt in summary]
+    capacities = {n: [r["capacity"].throughput for r in rows if r["config"] == n] for n in names}
+    summary_lines.append("| capacity, lowest-highest of the rounds | " + " | ".join(
+        f"{min(c):.0f}-{max(c):.0f}" for c in capacities.values()) + " |")
+    # Paired by round: each configuration against the baseline started just before it.
+    rounds = sorted({r["round"] for r in rows})
+    by = {(r["config"], r["round"]): r for r in rows}
+
+    def paired(name: str, pick) -> str:
+        changes = [pick(by[(name, k)]) / pick(by[(names[0], k)]) - 1 for k in rounds]
+        trend = ("lower in every round" if all(c < 0 for c in changes) else
+                 "higher in every round" if all(c > 0 for c in changes) else "mixed")
+        return f"{', '.join(f'{c:+.0%}' for c in changes)} ({trend})"
+
+    readings = "\n".join(
+        f"- **{n}**: capacity {paired(n, lambda r: r['capacity'].throughput)}; p50 at the "
+        f"fixed rate {paired(n, lambda r: r['paced'].p50_ms)}" for n in names[1:])
+    shadow_rows = [r for r in rows if r["at_rate"] != (0, 0)]
+    shadow_text = ""
+    if shadow_rows:
+        compared = [r["at_rate"][0] for r in shadow_rows]
+        dropped_share = max(r["at_rate"][1] / max(1.0, sum(r["at_rate"])) for r in shadow_rows)
+        shadow_text = (
+            f" At the fixed rate the shadow compared {min(compared):.0f}-{max(compared):.0f} "
+            f"images per run and dropped at most {dropped_share:.1%} of the copies; in the "
+            "closed loop (a saturated CPU) it dropped most of them rather than queue them; it "
+            "still takes CPU there, as the capacity rows show. Where the CPU is the bottleneck, "
+            "give it a `fraction` below 1.")
+    configs_text = "\n".join(f"- **{n}**: {DESCRIPTIONS[n]}" for n in names)
     args.out.write_text(f"""# What observability and a shadow cost the served answers
 
 `make bench-overhead` (bench/overhead.py), started {started}, on {machine['cpu']}
 ({machine['cores']} cores, {machine['memory_gib']} GiB), {machine['os']}.
 
-The default model (`{tag}`) served by `bentoml serve`, in three configurations:
-**bare** (request log and drift detection off, no shadow), **shipped** (configuration.yaml as
-shipped: one JSON log line per request, online drift detection), and **shipped + shadow**
-(`rollout.shadow` = the same graph, `fraction: 1.0`, so that every image is inferred twice).
+The default model (`{tag}`) served by `bentoml serve`, in {len(names)} configurations:
+
+{configs_text}
+
 wrk posts examples/digit_7_00.png: closed loop with {CONNECTIONS} connections for {args.seconds} s
 (capacity), then {PACED_CONNECTIONS} connections at a fixed {rate:.0f} requests/s (half the
-first bare capacity) for {args.seconds} s (latency). A new server for each row, the three
+first {names[0]} capacity) for {args.seconds} s (latency). A new server for each row, the
 configurations alternating, {args.rounds} rounds.
 
 Medians over the rounds:
@@ -197,6 +232,15 @@ Every run:
 | round | configuration | capacity, answers/s | p50, ms | p99, ms | errors (paced) | shadow compared / dropped, closed loop | ... at the fixed rate |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
+
+## Reading it
+
+Against {names[0]} in the same round (the server started just before), round by round:
+
+{readings}
+
+"Mixed" means the difference changes sign between rounds: it is smaller than the spread between
+two starts of the same server (connections land on the workers unevenly).{shadow_text}
 
 How the shadow stays off the request path (serving/shadow.py): the answered batch is handed to
 one thread through a queue of `queue_batches` batches; when that is full the copy is dropped and
