@@ -10,11 +10,13 @@ MODEL ?= digits-classifier:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv model train serve test build container container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
+.PHONY: help venv dev-venv model train serve test test-fast lint build container container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
 	@echo "make test    create $(VENV) if needed and run the whole test suite"
+	@echo "make test-fast  the unit tests only: no model trained, no server (under a minute)"
+	@echo "make lint    ruff over the repository, mypy (strict on serving/)"
 	@echo "make train   train and export a new version of the default model"
 	@echo "make build   bentoml build (the bento carries the model)"
 	@echo "make container        bentoml build + containerize -> image-classifier:latest"
@@ -25,11 +27,18 @@ help:
 	@echo "make drift-report  offline drift investigation -> docs/drift.md + docs/drift.png"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
 
+# Two environments in one venv: what training and serving need (make serve, train, build), and
+# on top of it the test and lint tools (make test, test-fast, lint). Each re-installs when its
+# requirements change. pip, not uv: see requirements/constraints.txt.
 venv: $(BIN)/.installed
+dev-venv: $(BIN)/.dev-installed
 
-# Re-installs when a requirements file changes. pip, not uv: see requirements/constraints.txt.
-$(BIN)/.installed: requirements/*.txt
+$(BIN)/.installed: requirements/train.txt requirements/client.txt requirements/serving.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -r requirements/train.txt
+	touch $@
+
+$(BIN)/.dev-installed: $(BIN)/.installed requirements/dev.txt
 	$(PIP_INSTALL) -r requirements/dev.txt
 	touch $@
 
@@ -46,10 +55,21 @@ serve: model
 
 # The Swagger UI test drives Debian's Chromium (Playwright's own browser download needs internet);
 # the monitoring test runs Debian's Prometheus against a real server.
-test: venv
+test: dev-venv
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (pytest.ini: everything not marked e2e): no training, no server, no browser.
+# One OpenMP thread: the unit tests' tensors are small, and on a busy machine torch's threads
+# spin against each other (the TorchDrift comparison in tests/serving/test_drift.py).
+test-fast: dev-venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+# ruff (style, imports, common bugs) over everything; mypy, strict on serving/ (pyproject.toml).
+lint: dev-venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 build: model
 	$(BIN)/bentoml build
@@ -68,7 +88,7 @@ drift-report: model
 container-smoke: model
 	$(BIN)/python deploy/container/container.py smoke
 
-$(BIN)/.bench-installed: $(BIN)/.installed requirements/bench.txt
+$(BIN)/.bench-installed: $(BIN)/.dev-installed requirements/bench.txt
 	$(PIP_INSTALL) -r requirements/bench.txt
 	touch $@
 

@@ -4,6 +4,7 @@ with the thread settings the service uses; and what decoding an upload costs alo
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def runtime_throughput(model_dir: Path, providers: list[str], threads: int, seco
     rates = {}
     for batch in batch_sizes:
         pixels = rng.integers(0, 256, (batch, *card.input.shape), dtype=np.uint8)
-        rates[batch] = timed_rate(lambda: runtime.run(pixels), batch, seconds)
+        rates[batch] = timed_rate(partial(runtime.run, pixels), batch, seconds)
     return rates
 
 
@@ -61,5 +62,5 @@ def decode_cost_ms(model_dir: Path, images: dict[str, Path], seconds: float) -> 
     costs = {}
     for fmt, path in images.items():
         data = path.read_bytes()
-        costs[fmt] = 1000.0 / timed_rate(lambda: decode_image(data, spec), 1, seconds)
+        costs[fmt] = 1000.0 / timed_rate(partial(decode_image, data, spec), 1, seconds)
     return costs

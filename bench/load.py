@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import resource
@@ -59,10 +60,8 @@ def cpu_seconds(pid: int) -> float:
 def rss_mb(pid: int) -> float:
     total = 0
     for proc in tree(pid):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 

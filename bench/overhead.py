@@ -84,14 +84,15 @@ def micro_costs() -> dict[str, float]:
     logger = request_logger()
     handler = logger.handlers[0]
     assert isinstance(handler, logging.StreamHandler)
-    stream = handler.setStream(open(os.devnull, "w"))
-    lines = 20_000
-    started = time.perf_counter()
-    for _ in range(lines):
-        logger.info(json.dumps(log_line({"method": "POST", "path": "/classify"}, "id", 200,
-                                        answer, 3.0)))
-    line_us = (time.perf_counter() - started) / lines * 1e6
-    handler.setStream(stream or sys.stdout)
+    with open(os.devnull, "w") as devnull:
+        stream = handler.setStream(devnull)
+        lines = 20_000
+        started = time.perf_counter()
+        for _ in range(lines):
+            logger.info(json.dumps(log_line({"method": "POST", "path": "/classify"}, "id", 200,
+                                            answer, 3.0)))
+        line_us = (time.perf_counter() - started) / lines * 1e6
+        handler.setStream(stream or sys.stdout)
     drift = DriftSettings()
     rng = np.random.default_rng(0)
     window = rng.normal(size=(drift.window_size, 128)).astype(np.float32)

@@ -115,7 +115,8 @@ def write_report(out: Path, rows: list[dict], machine: dict) -> None:
              f"{r['images_per_s'] / base_rate[r['model']]:.2f}x | {r['latency_ms']:.2f} | "
              f"{r['size_mb']:.2f} |" for r in rows]
     speedups = ", ".join(
-        f"{r['model'].split(' (')[0]} {r['precision']} {r['images_per_s'] / base_rate[r['model']]:.2f}x"
+        f"{r['model'].split(' (')[0]} {r['precision']} "
+        f"{r['images_per_s'] / base_rate[r['model']]:.2f}x"
         for r in rows if r["precision"] != "fp32")
     worst = min(r["delta"] for r in rows)
     out.write_text(f"""# Precision variants: accuracy and CPU throughput

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -23,10 +24,8 @@ def machine() -> dict:
     versions = {}
     for package in ("bentoml", "onnxruntime-gpu", "litserve", "fastapi", "uvicorn", "uvloop",
                     "httptools", "pillow", "numpy", "torch"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(
         psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
         "python": platform.python_version(), "versions": versions}
@@ -129,7 +128,8 @@ def analysis(results: dict) -> str:
             f"{results['images']['jpeg'] / 1000:.0f} kB JPEG costs {decode_ms:.2f} core-ms more, "
             f"which the ceiling leaves out. A server that did nothing else could answer at most "
             f"{bound:.0f} uploads/s = {bound / ceiling:.0%} of the ceiling. The service peaked at "
-            f"{peak['throughput']:.0f}/s (c={peak['concurrency']}) = {peak['throughput'] / bound:.0%}"
+            f"{peak['throughput']:.0f}/s (c={peak['concurrency']}) = "
+            f"{peak['throughput'] / bound:.0%}"
             f" of that bound, using {peak['server_cpu_cores']:.2f} cores: {spent:.2f} core-ms per "
             f"answer, {max(spent - runtime_ms - decode_ms, 0):.2f} more than runtime plus decoding "
             f"(HTTP, multipart, validation, batching, JSON, Python, and the runtime running slower "

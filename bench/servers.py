@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import yaml
+
+from devtools.processes import NotReadyError, free_port, stop_tree, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -26,12 +26,6 @@ class Running:
     url: str
     pid: int
     ready_s: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -88,45 +82,19 @@ def serve(server: str, tag: str, model_dir: Path, workdir: Path, overrides: dict
     port = free_port()
     command, env, ready_path = command_for(server, tag, model_dir, port, workdir,
                                            overrides or {}, without)
-    log = open(workdir / f"{server}-{port}.log", "w")
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{server} exited; see {log.name}")
-            if time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"{server} not ready in {timeout_s}s; see {log.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + ready_path, timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
-        yield Running(server, url, process.pid, time.perf_counter() - started)
-    finally:
-        stop_tree(process)
-        log.close()
-
-
-def stop_tree(process: subprocess.Popen) -> None:
-    """Stop the server we started and every process it started. LitServe's parent exits on
-    SIGTERM but leaves its spawned workers behind, busy-polling their queues; left running, they
-    would eat CPU in every later measurement."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    _, alive = psutil.wait_procs(descendants, timeout=10)
-    for child in alive:
-        child.terminate()
-    _, alive = psutil.wait_procs(alive, timeout=10)
-    for child in alive:
-        child.kill()
+    with open(workdir / f"{server}-{port}.log", "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            try:  # polled often: the time to ready is one of the figures reported
+                wait_until_ready(url + ready_path, lambda: process.poll() is None, timeout_s,
+                                 interval_s=0.05)
+            except NotReadyError as exc:
+                raise RuntimeError(f"{server}: {exc}; see {log.name}") from None
+            yield Running(server, url, process.pid, time.perf_counter() - started)
+        finally:
+            # With its descendants: LitServe's parent exits on SIGTERM but leaves its spawned
+            # workers behind, busy-polling their queues; they would eat CPU in every later run.
+            stop_tree(process)

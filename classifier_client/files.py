@@ -50,7 +50,7 @@ class Output:
         self._out = self.path.open("a", newline="")
         self._failed = self.failed_path.open("w")
         self._csv = csv.DictWriter(self._out, COLUMNS) if self.path.suffix == ".csv" else None
-        if new_csv:
+        if new_csv and self._csv is not None:  # (new_csv implies a DictWriter)
             self._csv.writeheader()
         return self
 

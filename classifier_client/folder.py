@@ -27,7 +27,8 @@ def classify_folder(url: str, folder: Path, out: Path, *, concurrency: int = 8,
         def classify(path: Path) -> dict[str, Any]:
             if not hasattr(clients, "client"):  # one HTTP client (connection pool) per thread
                 clients.client = RetryingClient(url, api_key=api_key)
-            return clients.client.classify([path])[0]
+            client: RetryingClient = clients.client
+            return client.classify([path])[0]
 
         return run_each(todo, classify, output, concurrency)
 

@@ -8,13 +8,14 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
 
 def load(url: str, image: Path, concurrency: int, duration_s: float,
-         api_key: str | None = None) -> dict:
+         api_key: str | None = None) -> dict[str, Any]:
     files = [("images", (image.name, image.read_bytes(), "application/octet-stream"))]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     statuses: Counter[str] = Counter()
@@ -49,6 +50,6 @@ def load(url: str, image: Path, concurrency: int, duration_s: float,
             "statuses": dict(statuses)}
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict[str, Any]) -> None:
     for key, value in summary.items():
         print(f"{key:<14} {value}")

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from serving.classification import to_predictions
 from serving.contract import ONNX_FILE, ModelCard
 from serving.errors import RejectedInput
-from serving.postprocess import to_predictions
 from serving.preprocess import decode_image
 from serving.runtime import OnnxRuntime
 
@@ -41,8 +41,8 @@ def classify_folder_offline(tag: str, folder: Path, out: Path, *, max_pixels: in
             if not decoded:
                 continue
             probabilities, _ = runtime.run(np.stack([pixels for _, pixels in decoded]))
-            answers = to_predictions(probabilities, card.labels, 1, [str(stored.tag)] * len(decoded),
-                                     [0.0] * len(decoded))
+            answers = to_predictions(probabilities, card.labels, 1,
+                                     [str(stored.tag)] * len(decoded), [0.0] * len(decoded))
             for (path, _), answer in zip(decoded, answers):
                 output.write(row(path, answer.model_dump()))
                 answered += 1

@@ -33,7 +33,8 @@ def smoke(url: str, image: Path, expect: str, requests: int = 50,
             latencies.append((time.perf_counter() - started) * 1000)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
     checks.append((f"latency over {requests} requests", True,
-                   f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, max {max(latencies):.1f} ms"))
+                   f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, "
+                   f"max {max(latencies):.1f} ms"))
     width = max(len(name) for name, _, _ in checks)
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name:<{width}}  {detail}")

@@ -1,6 +1,13 @@
-"""Torch-free serving code used by service.py.
+"""Torch-free serving code used by service.py; no module here imports service.py or train_export.
 
-The flow of a request, by file: preprocess.py (upload -> decode -> pixels), runtime.py (batch ->
-ONNX Runtime), postprocess.py (probabilities -> top-k), schemas.py (JSON). contract.py is what the
-model store entry promises; settings.py is configuration.yaml.
+A request, by file: asgi.py (types), request_log.py and admission.py (middlewares: one log line,
+then key, type, size, concurrency and timeout; errors.py is every refusal) -> uploads.py (the
+multipart body, files only) -> inputs.py (each endpoint's input types: routed by routing.py,
+decoded by preprocess.py) -> BentoML's batcher -> predictor.py (runtime.py per variant, drift.py's
+window, the task's post-processing in classification.py, a copy to shadow.py) -> schemas.py (JSON).
+
+Built once at start: settings.py (configuration.yaml, one typed model per service),
+deployment.py (the store entries it serves, checked against contract.py, the card), metrics.py
+(the Prometheus series), middleware.py (the middlewares every service gets), openapi.py (the
+Swagger UI's description).
 """

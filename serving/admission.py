@@ -18,7 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -26,18 +26,10 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send, header
 from .errors import STATUS, error_body, from_bentoml_validation
 from .metrics import rejected_requests
 from .settings import LimitsSettings
-
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-SIZE_LIMIT_KEY = "services.ImageClassifier.image_classifier.limits.max_request_bytes"
 
 
 @dataclass(frozen=True)
@@ -50,12 +42,14 @@ class Route:
     timed: bool = True
 
 
-def admission_routes(apis: dict[str, Any], how_to_send: dict[str, str]) -> dict[str, Route]:
-    """The service's API routes (BentoML APIMethods by name); a task's job is submitted to
-    `<route>/submit`, and BentoML runs it, after answering, inside the same ASGI call."""
+def admission_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str]
+                     ) -> dict[str, Route]:
+    """The service's API routes (BentoML APIMethods by name), each with what to send
+    (`how_to_send(api)`); a task's job is submitted to `<route>/submit`, and BentoML runs it,
+    after answering, inside the same ASGI call."""
     routes = {}
-    for name, api in apis.items():
-        route = Route(api.input_spec.mime_type(), how_to_send[name])
+    for api in apis.values():
+        route = Route(api.input_spec.mime_type(), how_to_send(api))
         routes[api.route] = route
         if api.is_task:
             routes[f"{api.route}/submit"] = Route(route.media_type, route.how_to_send, timed=False)
@@ -71,10 +65,12 @@ class Admission:
         limits: LimitsSettings,
         public_paths: list[str],
         api_key: str | None,
+        limits_key: str = "limits",
     ) -> None:
         self.app = app
         self.routes = routes
         self.limits = limits
+        self.limits_key = limits_key  # where the limits live in configuration.yaml, for messages
         self.public_exact = frozenset(p for p in public_paths if not p.endswith("/") or p == "/")
         self.public_prefixes = tuple(p for p in public_paths if p.endswith("/") and p != "/")
         self.api_key = api_key.encode() if api_key else None
@@ -98,7 +94,7 @@ class Admission:
             return await refuse(
                 send, "too_many_requests",
                 f"this worker has {self.in_flight} requests in flight, its limit "
-                "(limits.max_concurrency); retry after the time in Retry-After",
+                f"({self.limits_key}.max_concurrency); retry after the time in Retry-After",
                 self._retry_after())
         self.in_flight += 1
         try:
@@ -108,7 +104,7 @@ class Admission:
 
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         exchange = Exchange(receive, send, self.limits.max_request_bytes, route,
-                            self._retry_after())
+                            self._retry_after(), self.limits_key)
         if not route.timed:
             return await self.app(scope, exchange.receive, exchange.send)
         try:
@@ -119,8 +115,8 @@ class Admission:
                 raise  # part of an answer is out: nothing better to do than close the connection
             await refuse(send, "timeout",
                          f"no answer within {self.limits.request_timeout_s:g} s "
-                         "(limits.request_timeout_s); the service is busy or the input is slow "
-                         "to process: retry later or send smaller images")
+                         f"({self.limits_key}.request_timeout_s); the service is busy or the "
+                         "input is slow to process: retry later or send smaller images")
 
     def _is_public(self, scope: Scope) -> bool:
         path = scope["path"]
@@ -143,10 +139,11 @@ class Admission:
                     f"send {route.how_to_send}")
         if length.isdigit() and int(length) > self.limits.max_request_bytes:
             return ("request_too_large",
-                    body_too_large(f"{int(length)} bytes", self.limits.max_request_bytes))
+                    body_too_large(f"{int(length)} bytes", self.limits.max_request_bytes,
+                                   self.limits_key))
         return None
 
-    def _retry_after(self) -> list[tuple[bytes, bytes]]:
+    def _retry_after(self) -> Headers:
         return [(b"retry-after", str(self.limits.retry_after_s).encode())]
 
 
@@ -154,9 +151,10 @@ class Exchange:
     """One admitted request: counts the body as it streams in, and reshapes error answers."""
 
     def __init__(self, receive: Receive, send: Send, max_bytes: int, route: Route,
-                 retry_after: list[tuple[bytes, bytes]]) -> None:
+                 retry_after: Headers, limits_key: str = "limits") -> None:
         self._receive, self._send = receive, send
         self.max_bytes, self.route, self.retry_after = max_bytes, route, retry_after
+        self.limits_key = limits_key
         self.received = 0
         self.too_large = False
         self.response_started = False
@@ -189,10 +187,10 @@ class Exchange:
             status = self._held["status"] if code not in STATUS else None
             await refuse(self._send, code, detail, headers, status)
 
-    def _reshape(self, status: int, body: bytes) -> tuple[str, str, list[tuple[bytes, bytes]]]:
+    def _reshape(self, status: int, body: bytes) -> tuple[str, str, Headers]:
         if self.too_large:
             return ("request_too_large", body_too_large(f"over {self.max_bytes} bytes",
-                                                        self.max_bytes), [])
+                                                        self.max_bytes, self.limits_key), [])
         if status == HTTPStatus.METHOD_NOT_ALLOWED:
             return ("method_not_allowed", f"use POST with {self.route.how_to_send}", [])
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
@@ -216,8 +214,7 @@ class Exchange:
 
 
 async def refuse(
-    send: Send, code: str, detail: str,
-    headers: list[tuple[bytes, bytes]] | None = None, status: int | None = None,
+    send: Send, code: str, detail: str, headers: Headers | None = None, status: int | None = None,
 ) -> None:
     """Answer `{"error": code, "detail": detail}` with the code's status (or `status`)."""
     status = status or int(STATUS[code])
@@ -232,16 +229,9 @@ async def refuse(
     await send({"type": "http.response.body", "body": body})
 
 
-def body_too_large(size: str, limit: int) -> str:
-    return (f"the body is {size}, over the limit of {limit} bytes ({SIZE_LIMIT_KEY}): send "
-            "fewer or smaller images")
-
-
-def header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
+def body_too_large(size: str, limit: int, limits_key: str = "limits") -> str:
+    return (f"the body is {size}, over the limit of {limit} bytes "
+            f"({limits_key}.max_request_bytes): send fewer or smaller images")
 
 
 class ClientErrorTracebacks(logging.Filter):

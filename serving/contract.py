@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
@@ -81,6 +81,84 @@ class DriftReference(BaseModel):
     source: str
 
 
+_T = TypeVar("_T")
+# A field each path fills as far as it knows: left out of card.json and /model_info while unset,
+# so that each path's record reads as it wrote it.
+IfKnown = Annotated[_T | None, Field(exclude_if=lambda value: value is None)]
+
+
+class PrecisionComparison(BaseModel):
+    """A precision variant against the fp32 graph it came from, on the same held-out images."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    holdout_images: int
+    fp32_accuracy: float
+    accuracy: float
+    accuracy_delta: float
+    top1_agreement: float  # share of images whose top class is the fp32 graph's
+    max_abs_diff: float  # of the probabilities
+    mean_abs_diff: float
+    calibration_images: IfKnown[int] = None  # int8 only: images its activation ranges came from
+
+
+class Lineage(BaseModel):
+    """Where a stored model came from: its data, or the file it was imported from, and the
+    libraries that made it. Shown by /model_info."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Our own training: the data it was trained and held out on.
+    dataset: IfKnown[str] = None  # "sklearn.datasets.load_digits" or "image folder"
+    data_dir: IfKnown[str] = None  # the image folder, resolved
+    data_sha256: IfKnown[str] = None
+    skipped_files: IfKnown[list[str]] = None  # folder files that are not images, relative to it
+    train_samples: IfKnown[int] = None
+    holdout_samples: IfKnown[int] = None
+    # An import: the file it came from, and what its parity was measured on.
+    source: IfKnown[str] = None  # "torch.save(model)", "torchvision state_dict" or "onnx"
+    file: IfKnown[str] = None
+    file_sha256: IfKnown[str] = None
+    parity_data: IfKnown[str] = None
+    # import-onnx: how the original graph was wired between our input and outputs.
+    original_input: IfKnown[str] = None
+    original_outputs: IfKnown[list[str]] = None
+    scores_output: IfKnown[str] = None
+    scores_were: IfKnown[Literal["logits", "probabilities"]] = None
+    features_output: IfKnown[str] = None
+    producer: IfKnown[str] = None
+    # A precision variant (`python -m train_export quantize`) and the model it came from.
+    precision: IfKnown[Literal["fp16", "int8"]] = None
+    derived_from: IfKnown[str] = None
+    vs_fp32: IfKnown[PrecisionComparison] = None
+    # library -> version, of the process that exported the model
+    versions: IfKnown[dict[str, str]] = None
+
+
+class Training(BaseModel):
+    """The settings our own training ran with (train_export.config.TrainConfig, as recorded) and
+    its duration. Imported models have none: the card's `training` is then None."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    architecture: str
+    input_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    augment: bool
+    seed: int  # with holdout_fraction: what the training/held-out split is rebuilt from
+    data_dir: str | None
+    color_mode: Literal["L", "RGB"] | None
+    holdout_fraction: float
+    parity_tolerance: float
+    examples_dir: str | None
+    examples_per_format: int
+    train_seconds: float
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -94,11 +172,17 @@ class ModelCard(BaseModel):
     accuracy: dict[str, float] = Field(default_factory=dict)
     # label -> accuracy on that class's held-out images (where labelled data exists)
     class_accuracy: dict[str, float] = Field(default_factory=dict)
-    training: dict = Field(default_factory=dict)
+    training: Training | None = None
     drift_reference: DriftReference | None = None
-    lineage: dict = Field(default_factory=dict)
+    lineage: Lineage = Field(default_factory=Lineage)
     # file name -> sha256 of every artifact in the entry (the card itself excluded)
     files: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("training", mode="before")
+    @classmethod
+    def _no_training_record(cls, value: object) -> object:
+        """Cards written before `training` was typed hold {} for an imported model."""
+        return value or None
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / CARD_FILE

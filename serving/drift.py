@@ -19,6 +19,7 @@ loop of permuted copies: the same statistics, without allocating a matrix per pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -37,7 +38,8 @@ KERNELS = ("gaussian", "exponential", "rational_quadratic")
 def pairwise_distances(pooled: np.ndarray) -> np.ndarray:
     squares = (pooled * pooled).sum(axis=1)
     d2 = squares[:, None] + squares[None, :] - 2.0 * (pooled @ pooled.T)
-    return np.sqrt(np.maximum(d2, 0.0))
+    distances: np.ndarray = np.sqrt(np.maximum(d2, 0.0))
+    return distances
 
 
 def lower_median(values: np.ndarray) -> float:
@@ -58,7 +60,8 @@ def kernel_matrix(distances: np.ndarray, kernel: str = "gaussian") -> np.ndarray
     raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
 
 
-def mmd_from_sums(xx, xy, yy, n: int, m: int):
+def mmd_from_sums(xx: np.ndarray, xy: np.ndarray, yy: np.ndarray, n: int, m: int
+                  ) -> np.ndarray:
     return xx / (n * (n - 1)) + yy / (m * (m - 1)) - 2.0 * xy / (n * m)
 
 
@@ -72,7 +75,7 @@ def kernel_mmd(x: np.ndarray, y: np.ndarray, permutations: int = 1000,
     total = k.sum()
     row_sums = k.sum(axis=1)
 
-    def statistic(in_x: np.ndarray):  # in_x: (n+m, P) indicator columns, n ones each
+    def statistic(in_x: np.ndarray) -> np.ndarray:  # in_x: (n+m, P) indicator columns, n ones each
         k_in_x = k @ in_x
         xx = (in_x * k_in_x).sum(axis=0)
         xy = (in_x * row_sums[:, None]).sum(axis=0) - xx
@@ -161,7 +164,8 @@ class DriftMonitor:
         self._publish(state)
         return state
 
-    def _snapshot(self, statistic, p_value, computed, observed_at_test, size=0) -> DriftState:
+    def _snapshot(self, statistic: float | None, p_value: float | None, computed: float | None,
+                  observed_at_test: int, size: int = 0) -> DriftState:
         return DriftState(
             model=self.model, window_size=size, window_capacity=len(self.window),
             reference_size=len(self.reference), observed=self._observed,
@@ -172,21 +176,22 @@ class DriftMonitor:
 
     def _publish(self, state: DriftState) -> None:
         labels = (self.model,)
-        metrics.drift_statistic().labels(*labels).set(state.statistic)
-        metrics.drift_p_value().labels(*labels).set(state.p_value)
+        nan = float("nan")  # before the first test: no value yet
+        metrics.drift_statistic().labels(*labels).set(
+            nan if state.statistic is None else state.statistic)
+        metrics.drift_p_value().labels(*labels).set(nan if state.p_value is None else state.p_value)
         metrics.drift_detected().labels(*labels).set(1 if state.drift else 0)
         metrics.drift_window_size().labels(*labels).set(state.window_size)
-        metrics.drift_last_computed().labels(*labels).set(state.last_computed)
+        metrics.drift_last_computed().labels(*labels).set(
+            nan if state.last_computed is None else state.last_computed)
         if state.drift:
             logger.warning("drift: model %s, MMD %.4g, p-value %.4f < %g over the last %d images",
                            self.model, state.statistic, state.p_value, self.threshold,
                            state.window_size)
 
     def _run(self) -> None:
-        try:
+        with contextlib.suppress(AttributeError, OSError):  # not Linux: normal priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only
-        except (AttributeError, OSError):
-            pass
         while True:
             time.sleep(self.interval_s)
             if self._observed == self._state.observed_at_test:

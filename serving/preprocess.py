@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .contract import InputSpec
 from .errors import RejectedInput
@@ -97,6 +97,20 @@ def decode_image(
 ) -> np.ndarray:
     """Decode one upload (bytes, a file, or an opened image) and return pixels of shape
     `spec.shape`, dtype uint8. Images over `max_pixels` are refused from their header alone."""
+    image, _ = upright_image(source, spec, (spec.width, spec.height), max_pixels)
+    with pillow_errors_as_invalid_image():
+        image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels.reshape(spec.shape)
+
+
+def upright_image(
+    source: bytes | Path | BinaryIO | Image.Image, spec: InputSpec, size: tuple[int, int],
+    max_pixels: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """An upload decoded in the model's colour mode, upright (EXIF orientation applied), at no
+    less than `size` (width, height) where it was larger; and the upright size of the full image,
+    which is what a detector's boxes are given in."""
     image = source if isinstance(source, Image.Image) else open_image(source)
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ImageTooLarge(
@@ -104,15 +118,19 @@ def decode_image(
             f"over the limit of {max_pixels}: send a smaller image ({PIXEL_LIMIT_KEY})"
         )
     with pillow_errors_as_invalid_image():
+        full_size = _upright_size(image)
         image.seek(0)  # animated GIF/PNG/WebP: the first frame
         # JPEG only: let libjpeg decode at a reduced scale that is still >= the target size;
-        # the resize below does the rest, so this is faster at no cost in quality.
-        image.draft(spec.color_mode, (spec.width, spec.height))
+        # the resize after this does the rest, so this is faster at no cost in quality.
+        image.draft(spec.color_mode, size)
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when nothing to rotate
-        image = to_color_mode(image, spec)
-        image = image.resize((spec.width, spec.height), _RESAMPLING[spec.resize])
-    pixels = np.asarray(image, dtype=np.uint8)
-    return pixels.reshape(spec.shape)
+        return to_color_mode(image, spec), full_size
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied: 5-8 turn the image by 90 degrees."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
 
 
 def to_color_mode(image: Image.Image, spec: InputSpec) -> Image.Image:
@@ -147,12 +165,19 @@ def _flatten_alpha(image: Image.Image, spec: InputSpec) -> Image.Image:
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
+def tensor_shapes(spec: InputSpec) -> str:
+    """The shapes a JSON tensor may have for this model, as error messages and docs say them."""
+    h, w, c = spec.shape
+    return (f"(N, {h}, {w}) or " if c == 1 else "") + f"(N, {h}, {w}, {c})"
+
+
 def validate_tensor(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     """JSON pixels (N, H, W) or (N, H, W, C), whole numbers 0-255 -> uint8 (N, H, W, C)."""
     h, w, c = spec.shape
-    expected = (f"(N, {h}, {w}) or " if c == 1 else "") + f"(N, {h}, {w}, {c})"
+    expected = tensor_shapes(spec)
     if array.dtype.kind not in "iuf" or array.size == 0:
-        raise InvalidTensor(f"pixels must be a non-empty array of numbers 0-255 of shape {expected}")
+        raise InvalidTensor(
+            f"pixels must be a non-empty array of numbers 0-255 of shape {expected}")
     if array.ndim == 3 and c == 1:
         array = array[..., np.newaxis]
     if array.ndim != 4 or array.shape[1:] != (h, w, c):

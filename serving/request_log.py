@@ -25,9 +25,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Any
 
-from .admission import ASGIApp, Message, Receive, Scope, Send, header
+from .asgi import ASGIApp, Message, Receive, Scope, Send, header
 
 LOGGER_NAME = "image_classifier.requests"
 MAX_BODY_READ = 256 * 1024  # answers larger than this are logged without their predictions
@@ -56,30 +57,29 @@ class RequestLog:
             return
         started = time.perf_counter()
         request_id = header(scope, b"x-request-id") or uuid.uuid4().hex
-        answer = {"status": 500, "body": bytearray()}
+        status, body = 500, bytearray()
 
         async def send_and_read(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                answer["status"] = message["status"]
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", request_id.encode("latin-1"))]
-            elif message["type"] == "http.response.body":
-                if len(answer["body"]) < MAX_BODY_READ:
-                    answer["body"] += message.get("body", b"")
+            elif message["type"] == "http.response.body" and len(body) < MAX_BODY_READ:
+                body.extend(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_read)
         finally:
             self.logger.info(json.dumps(log_line(
-                scope, request_id, answer["status"], bytes(answer["body"]),
-                (time.perf_counter() - started) * 1000.0)))
+                scope, request_id, status, bytes(body), (time.perf_counter() - started) * 1000.0)))
 
 
 def log_line(scope: Scope, request_id: str, status: int, body: bytes,
-             latency_ms: float) -> dict:
+             latency_ms: float) -> dict[str, Any]:
     line = {
-        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "request_id": request_id,
         "method": scope["method"],
         "route": scope["path"],

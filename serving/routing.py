@@ -13,8 +13,19 @@ import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
+from typing import Any, Protocol
 
 _STATE_KEY = "image_classifier_variant"
+
+
+class HasScope(Protocol):
+    """A Starlette request, as far as routing needs one."""
+
+    @property
+    def scope(self) -> Any: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
 
 def unit_interval(key: str) -> float:
@@ -45,7 +56,7 @@ class Router:
         point = unit_interval(key) if key is not None else random.random()
         return bisect.bisect_right(self._bounds, point)
 
-    def for_request(self, request) -> tuple[int, bool]:
+    def for_request(self, request: HasScope) -> tuple[int, bool]:
         """The variant of a Starlette request, chosen on first call and kept on the request;
         and whether this call chose it (so that a request is counted once)."""
         state = request.scope.setdefault("state", {})

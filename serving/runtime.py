@@ -37,7 +37,8 @@ def choose_providers(
 
 
 class OnnxRuntime:
-    """Runs uint8 NHWC batches and returns (probabilities, features) as float32 arrays."""
+    """Runs uint8 NHWC batches and returns the graph's outputs as float32 arrays: by default
+    (probabilities, features), a classifier's; `output_names` chooses others (a detector's)."""
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class OnnxRuntime:
         graph: GraphSpec,
         providers: Sequence[str] = ("cuda", "cpu"),
         intra_op_threads: int = 0,
+        output_names: Sequence[str] | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -61,7 +63,7 @@ class OnnxRuntime:
         self.providers: list[str] = self.session.get_providers()
         self.input_spec = input_spec
         self.graph = graph
-        self._outputs = [graph.probabilities_name, graph.features_name]
+        self.output_names = list(output_names or [graph.probabilities_name, graph.features_name])
         logger.info("ONNX Runtime %s session on %s", ort.__version__, self.providers[0])
         self.run(np.zeros((1, *input_spec.shape), dtype=np.uint8))  # warm-up before ready
 
@@ -69,9 +71,13 @@ class OnnxRuntime:
     def active_provider(self) -> str:
         return self.providers[0]
 
-    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probabilities, features = self.session.run(self._outputs, {self.graph.input_name: pixels})
-        return probabilities, features
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The outputs named by `output_names`, in that order."""
+        return tuple(self.session.run(self.output_names, {self.graph.input_name: pixels}))
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The same, by output name."""
+        return dict(zip(self.output_names, self.run(pixels)))
 
 
 def gpu_available() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .contract import InputSpec, Parity
+from .contract import InputSpec, Lineage, Parity
 
 
 class ClassScore(BaseModel):
@@ -97,7 +97,7 @@ class ModelInfo(BaseModel):
     parity: Parity | None
     accuracy: dict[str, float]
     class_accuracy: dict[str, float]
-    lineage: dict
+    lineage: Lineage
     variants: list[VariantInfo] = Field(description="Every model that answers, by weight.")
     shadow: str | None = Field(description="The model compared in the shadow, if any.")
     max_batch_size: int

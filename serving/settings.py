@@ -1,9 +1,9 @@
-"""One typed settings model for the project's section of configuration.yaml.
+"""One typed settings model per service for the project's section of configuration.yaml.
 
-configuration.yaml is a BentoML configuration file: BentoML's own keys for the service under
-`services.ImageClassifier` (traffic, workers, metrics), and inside that block our
-`image_classifier:` section, validated here. The file is `$BENTOML_CONFIG` when set, else the
-configuration.yaml next to service.py (also inside a built bento and its container).
+configuration.yaml is a BentoML configuration file: BentoML's own keys for each service under
+`services.<Service>` (traffic, workers, metrics), and inside that block our section
+(`image_classifier:` for ImageClassifier), validated here. The file is `$BENTOML_CONFIG` when set,
+else the configuration.yaml next to service.py (also inside a built bento and its container).
 
 Why our section sits inside the service block and the file has no `version: 2` line: BentoML
 1.4.39's CLI and worker processes validate $BENTOML_CONFIG against the v1 schema when they start,
@@ -15,23 +15,55 @@ loader that configures the service assumes version 2.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-SECTION = "image_classifier"
-SERVICE_NAME = "ImageClassifier"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configuration.yaml"
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
 MIN_API_KEY_LENGTH = 16
 TAG_PATTERN = r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$"
-# One variable to roll back (or pin) the served model without editing the file.
-MODEL_TAG_ENV = "IMAGE_CLASSIFIER_MODEL_TAG"
 # BentoML's own request timeout stays on as a backstop behind ours (which answers with our JSON).
 BENTOML_TIMEOUT_MARGIN_S = 10
+
+
+@dataclass(frozen=True)
+class ServiceSection:
+    """Where one service's settings live in configuration.yaml, and its service-specific
+    defaults: what error messages name, and what an operator sets to roll back."""
+
+    service: str  # the BentoML service (class) name, the key under `services:`
+    section: str  # our block inside it
+    default_model: str
+    # One variable to roll back (or pin) the served model without editing the file.
+    model_tag_env: str
+    api_key_env: str
+    how_to_train: str
+
+    @property
+    def path(self) -> str:
+        return f"services.{self.service}.{self.section}"
+
+    def key(self, name: str) -> str:
+        """The full path of one setting, as an error message names it."""
+        return f"{self.path}.{name}"
+
+
+CLASSIFIER = ServiceSection(
+    service="ImageClassifier",
+    section="image_classifier",
+    default_model="digits-classifier:latest",
+    model_tag_env="IMAGE_CLASSIFIER_MODEL_TAG",
+    api_key_env="IMAGE_CLASSIFIER_API_KEY",
+    how_to_train="`make train` (or `python -m train_export`)",
+)
+# Kept for callers that name the classifier's section directly.
+SECTION, SERVICE_NAME = CLASSIFIER.section, CLASSIFIER.service
+MODEL_TAG_ENV = CLASSIFIER.model_tag_env
 
 
 class ConfigurationError(RuntimeError):
@@ -44,11 +76,13 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    tag: str = Field(
-        default="digits-classifier:latest",
+    tag: str | None = Field(
+        default=None,
         pattern=TAG_PATTERN,
         description="BentoML model tag, name[:version]; 'latest' follows the newest export. "
-        f"${MODEL_TAG_ENV}, when set, wins over this and over rollout.variants (rollback).",
+        "Default: the service's default model (digits-classifier:latest for ImageClassifier). "
+        "The service's MODEL_TAG variable (IMAGE_CLASSIFIER_MODEL_TAG), when set, wins over "
+        "this and over rollout.variants (rollback).",
     )
     providers: list[Provider] = Field(
         default=["cuda", "cpu"],
@@ -83,8 +117,7 @@ class ShadowSettings(_Section):
 
 
 class RolloutSettings(_Section):
-    """Several models behind one API: A/B variants with weights, and a shadow (README, "Versions,
-    A/B, shadow and rollback")."""
+    """Several models behind one API: A/B variants with weights, and a shadow (docs/rollout.md)."""
 
     variants: list[VariantSettings] = Field(
         default=[],
@@ -119,8 +152,8 @@ class BatchingSettings(_Section):
 
 
 class LimitsSettings(_Section):
-    """What one request may ask of the service; each refusal has its own status (README, "Limits
-    and security")."""
+    """What one request may ask of the service; each refusal has its own status
+    (docs/limits-and-security.md)."""
 
     max_request_bytes: int = Field(
         default=32 * 1024 * 1024, gt=0,
@@ -156,9 +189,10 @@ class LimitsSettings(_Section):
 
 
 class SecuritySettings(_Section):
-    api_key_env: str = Field(
-        default="IMAGE_CLASSIFIER_API_KEY",
-        description="Environment variable holding the API key; unset or empty = no key.",
+    api_key_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the API key; unset or empty = no key. "
+        "Default: IMAGE_CLASSIFIER_API_KEY for ImageClassifier.",
     )
     api_key_file: Path | None = Field(
         default=None,
@@ -202,8 +236,8 @@ class RequestLogSettings(_Section):
     enabled: bool = Field(
         default=True,
         description="One JSON line per API request on stdout (logger image_classifier.requests): "
-        "request id, route, status, outcome, latency, model tags, top class and confidence per "
-        "image. Never image bytes.",
+        "request id, route, status, outcome, latency, model tags, and per image the answer's "
+        "summary (top class and confidence). Never image bytes.",
     )
 
 
@@ -211,18 +245,29 @@ class ResponseSettings(_Section):
     top_k: int = Field(default=3, ge=1, description="Classes listed per image in `top_k`.")
 
 
-class Settings(_Section):
+class ServiceSettings(_Section):
+    """The operational sections every service has; a task adds its own (ClassifierSettings)."""
+
     model: ModelSettings = ModelSettings()
     rollout: RolloutSettings = RolloutSettings()
     batching: BatchingSettings = BatchingSettings()
     limits: LimitsSettings = LimitsSettings()
-    response: ResponseSettings = ResponseSettings()
     security: SecuritySettings = SecuritySettings()
     drift: DriftSettings = DriftSettings()
     request_log: RequestLogSettings = RequestLogSettings()
+    # Which service these are: set by parse_settings, read by error messages and defaults.
+    _where: ServiceSection = PrivateAttr(default=CLASSIFIER)
+
+    @property
+    def where(self) -> ServiceSection:
+        return self._where
+
+    @property
+    def model_tag(self) -> str:
+        return self.model.tag or self._where.default_model
 
     @model_validator(mode="after")
-    def _one_request_fits_one_batch(self) -> Settings:
+    def _one_request_fits_one_batch(self) -> ServiceSettings:
         if self.limits.max_images_per_request > self.batching.max_batch_size:
             raise ValueError(
                 f"limits.max_images_per_request ({self.limits.max_images_per_request}) is larger "
@@ -232,17 +277,19 @@ class Settings(_Section):
         return self
 
     def served_variants(self) -> list[VariantSettings]:
-        """The models that answer, with their weights: $IMAGE_CLASSIFIER_MODEL_TAG alone when
-        it is set, else rollout.variants, else model.tag alone."""
-        pinned = os.environ.get(MODEL_TAG_ENV, "").strip()
+        """The models that answer, with their weights: the service's MODEL_TAG variable
+        ($IMAGE_CLASSIFIER_MODEL_TAG) alone when it is set, else rollout.variants, else
+        model.tag alone."""
+        variable = self._where.model_tag_env
+        pinned = os.environ.get(variable, "").strip()
         if pinned:
             try:
                 return [VariantSettings(tag=pinned, weight=1)]
             except ValidationError:
                 raise ConfigurationError(
-                    f"${MODEL_TAG_ENV}={pinned!r} is not a model tag: use name[:version], as "
+                    f"${variable}={pinned!r} is not a model tag: use name[:version], as "
                     "`bentoml models list` shows it") from None
-        return list(self.rollout.variants) or [VariantSettings(tag=self.model.tag, weight=1)]
+        return list(self.rollout.variants) or [VariantSettings(tag=self.model_tag, weight=1)]
 
     def packed_tags(self) -> list[str]:
         """Every model `bentoml build` packs: the served ones, every variant listed (weight 0
@@ -264,13 +311,23 @@ class Settings(_Section):
                 )
             key = path.read_text().strip()
         else:
-            key = os.environ.get(self.security.api_key_env, "").strip()
+            variable = self.security.api_key_env or self._where.api_key_env
+            key = os.environ.get(variable, "").strip()
         if key and len(key) < MIN_API_KEY_LENGTH:
             raise ConfigurationError(
                 f"the API key is {len(key)} characters; use at least {MIN_API_KEY_LENGTH}, e.g. "
                 "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         return key or None
+
+
+class ClassifierSettings(ServiceSettings):
+    """`services.ImageClassifier.image_classifier`."""
+
+    response: ResponseSettings = ResponseSettings()
+
+
+Settings = ClassifierSettings  # the classifier's, under the name callers have always used
 
 
 def config_path() -> Path:
@@ -293,40 +350,47 @@ def read_config_file(path: Path | None = None) -> dict[str, Any]:
     return document
 
 
-def _service_block(document: dict[str, Any]) -> dict[str, Any]:
-    return dict((document.get("services") or {}).get(SERVICE_NAME) or {})
+def _service_block(document: dict[str, Any], where: ServiceSection) -> dict[str, Any]:
+    return dict((document.get("services") or {}).get(where.service) or {})
 
 
-def parse_settings(document: dict[str, Any], source: str = "configuration.yaml") -> Settings:
+def parse_settings(document: dict[str, Any], source: str = "configuration.yaml",
+                   where: ServiceSection = CLASSIFIER,
+                   model: type[ServiceSettings] = ClassifierSettings) -> Any:
+    """Our section of one service's block, validated into `model` (ClassifierSettings by
+    default); every problem is named by its full path, with the value that was given."""
     try:
-        return Settings.model_validate(_service_block(document).get(SECTION) or {})
+        settings = model.model_validate(_service_block(document, where).get(where.section) or {})
     except ValidationError as exc:
-        where = f"services.{SERVICE_NAME}.{SECTION}"
         problems = "\n".join(
-            f"  {'.'.join([where, *(str(p) for p in err['loc'])])}: {err['msg']}"
+            f"  {'.'.join([where.path, *(str(p) for p in err['loc'])])}: {err['msg']}"
             + (f" (got {err['input']!r})" if err["loc"] else "")
             for err in exc.errors(include_url=False)
         )
         raise ConfigurationError(f"invalid settings in {source}:\n{problems}") from None
+    settings._where = where
+    return settings
 
 
-def service_config(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """BentoML's own settings for our service (`services.ImageClassifier` less our section),
-    passed to `@bentoml.service` so that they apply without BENTOML_CONFIG; when BENTOML_CONFIG
-    is set, BentoML reads the same file and the values agree.
+def service_config(document: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
+    """BentoML's own settings for the service (`services.<Service>` less our section), passed
+    to `@bentoml.service` so that they apply without BENTOML_CONFIG; when BENTOML_CONFIG is set,
+    BentoML reads the same file and the values agree.
 
     Our request timeout answers 504 with our JSON body; BentoML's own (`traffic.timeout`) is
     kept, unless the file sets it, a little longer as a backstop."""
-    block = _service_block(document)
-    block.pop(SECTION, None)
+    block = _service_block(document, settings.where)
+    block.pop(settings.where.section, None)
     traffic = dict(block.get("traffic") or {})
     traffic.setdefault("timeout", settings.limits.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S)
     block["traffic"] = traffic
     return block
 
 
-def load() -> tuple[Settings, dict[str, Any]]:
+def load(where: ServiceSection = CLASSIFIER, model: type[ServiceSettings] = ClassifierSettings
+         ) -> tuple[Any, dict[str, Any]]:
+    """The settings of one service and BentoML's own configuration of it, from the file."""
     path = config_path()
     document = read_config_file(path)
-    settings = parse_settings(document, str(path))
+    settings = parse_settings(document, str(path), where, model)
     return settings, service_config(document, settings)

@@ -14,7 +14,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,19 +29,26 @@ logger = logging.getLogger("bentoml.image_classifier.shadow")
 LOG_EVERY_IMAGES = 1000
 
 
+# The task's comparison: the shadow's outputs for some images, the answers served for them and
+# the images' contexts -> per image, whether the shadow agreed (a classifier: the same top class).
+Agreement = Callable[[Mapping[str, np.ndarray], Sequence[Any], Sequence[Any]], np.ndarray]
+
+
 @dataclass(frozen=True, slots=True)
 class Copy:
     pixels: np.ndarray
-    served_classes: np.ndarray
+    served: tuple[Any, ...]  # the answers that were served for these images
     served_models: tuple[str, ...]
+    contexts: tuple[Any, ...]  # what the task kept per image (a detector's letterbox)
 
 
 class Shadow:
     def __init__(self, runtime: OnnxRuntime, tag: str, fraction: float, queue_batches: int,
-                 seed: int | None = None) -> None:
+                 agreement: Agreement, seed: int | None = None) -> None:
         self.runtime = runtime
         self.tag = tag
         self.fraction = fraction
+        self.agreement = agreement
         self._queue: queue.Queue[Copy] = queue.Queue(maxsize=queue_batches)
         self._sample = np.random.default_rng(seed)
         self._compared = self._agreed = 0
@@ -47,15 +56,17 @@ class Shadow:
         self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
         self._thread.start()
 
-    def offer(self, pixels: np.ndarray, served_classes: np.ndarray,
-              served_models: list[str]) -> None:
+    def offer(self, pixels: np.ndarray, served: Sequence[Any], served_models: Sequence[str],
+              contexts: Sequence[Any]) -> None:
         """Called on the request path: O(batch) bookkeeping, no inference."""
         rows = np.arange(len(pixels))
         if self.fraction < 1.0:
             rows = rows[self._sample.random(len(pixels)) < self.fraction]
             if len(rows) == 0:
                 return
-        copy = Copy(pixels[rows], served_classes[rows], tuple(served_models[i] for i in rows))
+        picked = rows.tolist()
+        copy = Copy(pixels[rows], tuple(served[i] for i in picked),
+                    tuple(served_models[i] for i in picked), tuple(contexts[i] for i in picked))
         try:
             self._queue.put_nowait(copy)
         except queue.Full:
@@ -76,9 +87,9 @@ class Shadow:
 
     def _compare(self, copy: Copy) -> None:
         started = time.perf_counter()
-        probabilities, _ = self.runtime.run(copy.pixels)
+        outputs = self.runtime.outputs(copy.pixels)
         metrics.shadow_seconds().labels(self.tag).observe(time.perf_counter() - started)
-        agree = probabilities.argmax(axis=1) == copy.served_classes
+        agree = self.agreement(outputs, copy.served, copy.contexts)
         counter = metrics.shadow_comparisons()
         for model in set(copy.served_models):
             mine = np.fromiter((m == model for m in copy.served_models), bool, len(agree))

@@ -37,7 +37,7 @@ class MalformedForm(RejectedInput):
     code = "invalid_multipart"
 
 
-class FilesOnlyMultipartSerde(serde.MultipartSerde):
+class FilesOnlyMultipartSerde(serde.MultipartSerde):  # type: ignore[misc]  # untyped in BentoML
     async def parse_request(self, request: Request, cls: type[Any]) -> Any:
         try:
             return await super().parse_request(request, cls)

@@ -1,5 +1,6 @@
 """Session fixtures: a temporary BentoML home, a model trained once by the real CLI, and a real
-`bentoml serve` on 127.0.0.1."""
+`bentoml serve` on 127.0.0.1; and the marker rule (pytest.ini): a test that needs the trained
+model or a server is marked e2e, every other test is a unit test and leaves it unmarked."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Before anything imports bentoml: every test runs against its own store, never ~/bentoml.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
@@ -17,11 +19,35 @@ os.environ.pop("BENTOML_CONFIG", None)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import ROOT, RunningServer, python, saved_tag, start_server  # noqa: E402
-from train_export.config import TrainConfig  # noqa: E402
-from train_export.data import Split, load_digits_split  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ROOT,
+    E2EGuard,
+    RunningServer,
+    python,
+    saved_tag,
+    start_server,
+)
+
+if TYPE_CHECKING:
+    from train_export.data import Split
 
 MODEL_NAME = "digits-classifier"
+# Fixtures that train the default model (about 40 s) or start a server. A test whose fixtures
+# include one of them, directly or through another fixture, must be marked e2e.
+E2E_FIXTURES = frozenset({"trained_model", "model_dir", "server"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture of the test runs: a unit test that would train a model or start a
+    server fails here, at once, instead of making `make test-fast` slow."""
+    e2e = item.get_closest_marker("e2e") is not None
+    E2EGuard.allowed = e2e  # the helpers that start servers and training check it as well
+    needs = sorted(E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if needs and not e2e:
+        pytest.fail(f"{item.nodeid} uses {', '.join(needs)} (a trained model or a server) but is "
+                    "not marked e2e: add `@pytest.mark.e2e`, or `pytestmark = pytest.mark.e2e` "
+                    "to its module", pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,6 +79,9 @@ def model_dir(trained_model: str) -> Path:
 @pytest.fixture(scope="session")
 def holdout() -> Split:
     """The held-out split the default model never saw (same seed and fraction as training)."""
+    from train_export.config import TrainConfig
+    from train_export.data import load_digits_split
+
     config = TrainConfig()
     return load_digits_split(config.input_size, 1, config.holdout_fraction, config.seed)
 

@@ -15,16 +15,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import BIN, ROOT, start_server
+from tests.helpers import BIN, ROOT, bentoml_build, start_server
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def built_bento(trained_model: str) -> bentoml.Bento:
-    result = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    return bentoml.get(tag)
+    return bentoml.get(bentoml_build(ROOT))
 
 
 def test_bento_carries_the_model_and_no_training_code(built_bento, trained_model) -> None:
@@ -38,7 +36,8 @@ def test_bento_carries_the_model_and_no_training_code(built_bento, trained_model
     sources = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*")
                if p.is_file()}
     assert {"service.py", "configuration.yaml", "serving/preprocess.py"} <= sources
-    assert not any(s.startswith(("train_export", "tests")) for s in sources), sources
+    assert not any(s.startswith(("train_export", "tests", "bench", "devtools")) for s in sources), \
+        f"training, test or development code in the bento: {sorted(sources)}"
     packed = {str(m.tag) for m in built_bento.info.all_models}
     assert trained_model in packed
 

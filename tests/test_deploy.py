@@ -1,4 +1,5 @@
-"""deploy/kubernetes agrees with the service: ports, probe paths, configuration, API key, grace."""
+"""deploy/ agrees with the service: Kubernetes ports, probe paths, configuration, API key and
+grace period; the container bentofiles; the Prometheus configuration."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from serving import settings
 from tests.helpers import ROOT
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+MONITORING = ROOT / "deploy" / "monitoring"
 BENTOML_PORT = 3000  # `bentoml serve` and the containerized bento listen here
 
 
@@ -50,6 +52,7 @@ def test_ports_agree(container) -> None:
         kinds["Deployment"]["metadata"]["name"]
 
 
+@pytest.mark.e2e
 def test_probes_and_metrics_are_served_without_the_api_key(container, shipped, server) -> None:
     annotations = manifests()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     paths = [container["readinessProbe"]["httpGet"]["path"],
@@ -77,7 +80,8 @@ def test_the_local_base_bentofile_differs_only_in_its_base_image() -> None:
     """deploy/container/bentofile.local-base.yaml is for machines without Docker Hub: the same
     bento, built on a local Debian base."""
     shipped = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    local = yaml.safe_load((ROOT / "deploy" / "container" / "bentofile.local-base.yaml").read_text())
+    local = yaml.safe_load(
+        (ROOT / "deploy" / "container" / "bentofile.local-base.yaml").read_text())
     base = local["docker"].pop("base_image")
     assert local == shipped
     source = (ROOT / "deploy" / "container" / "container.py").read_text()
@@ -96,3 +100,13 @@ def test_the_gpu_bentofile_adds_only_cuda_libraries_and_the_gpu_configuration() 
         gpu.pop(key), shipped.pop(key)
     assert gpu == shipped
     settings.parse_settings(settings.read_config_file(ROOT / "configuration.gpu.yaml"))
+
+
+def test_the_prometheus_config_scrapes_the_service() -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:3000"]
+    alerts = yaml.safe_load((MONITORING / config["rule_files"][0]).read_text())
+    alert_names = {r["expr"] for g in alerts["groups"] for r in g["rules"]}
+    assert any("image_classifier_drift_detected" in e for e in alert_names)

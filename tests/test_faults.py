@@ -26,6 +26,8 @@ from tests.helpers import (
     start_server,
 )
 
+pytestmark = pytest.mark.e2e
+
 EXAMPLE = ROOT / "examples" / "digit_7_00.png"
 REQUEST_TIMEOUT_S = 20  # the grace period: no accepted request outlives it
 REPLACEMENT_DEADLINE_S = 30  # circus checks every 10 s; a worker then starts in a few s

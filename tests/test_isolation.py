@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import python
+
+pytestmark = pytest.mark.e2e
 
 # Makes `import torch`, `import torchvision` and `import train_export` fail in the child process,
 # as on a serving host that never installed them.
@@ -37,6 +41,7 @@ except ImportError:
 else:
     raise SystemExit("torch should not be importable here")
 import bentoml
+import pytest
 from serving.contract import ModelCard, ONNX_FILE
 from serving.preprocess import decode_image
 from serving.runtime import OnnxRuntime

@@ -7,13 +7,17 @@ import time
 
 import bentoml
 import httpx
+import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import JOB_TIMEOUT_S, ROOT, wait_for_job
+
+pytestmark = pytest.mark.e2e
 
 EXAMPLES = sorted((ROOT / "examples").glob("digit_*"))
 
 
-async def wait_done(task, timeout_s: float = 120) -> str:
+async def wait_done(task, timeout_s: float = JOB_TIMEOUT_S) -> str:
+    """As wait_for_job (tests/helpers.py), through the task handle of BentoML's client."""
     deadline = time.monotonic() + timeout_s
     while (status := (await task.get_status()).value) == "in_progress" \
             and time.monotonic() < deadline:
@@ -46,16 +50,11 @@ def test_job_status_and_result_over_plain_http(server) -> None:
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in EXAMPLES[:2]]
     submitted = httpx.post(f"{server.url}/classify_batch/submit", files=files, timeout=30).json()
     task_id = submitted["task_id"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{server.url}/classify_batch/status",
-                           params={"task_id": task_id}).json()["status"]
-        if status != "in_progress":
-            break
-        time.sleep(0.2)
-    assert status == "completed"
+    status = wait_for_job(server.url, task_id)
+    assert status == "completed", f"the job ended {status}"
     result = httpx.get(f"{server.url}/classify_batch/get", params={"task_id": task_id}).json()
-    assert [r["prediction"]["label"] for r in result] == [p.name.split("_")[1] for p in EXAMPLES[:2]]
+    assert ([r["prediction"]["label"] for r in result]
+            == [p.name.split("_")[1] for p in EXAMPLES[:2]])
 
 
 def test_a_submit_with_a_wrong_content_type_is_refused_at_once(server) -> None:

@@ -3,6 +3,7 @@ limit answers with its status, a JSON reason, and a count in /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -23,7 +24,10 @@ from tests.helpers import (
     python,
     read_response,
     start_server,
+    wait_for_job,
 )
+
+pytestmark = pytest.mark.e2e
 
 API_KEY = "test-key-" + "x" * 24
 EXAMPLE = ROOT / "examples" / "digit_7_00.png"
@@ -118,11 +122,17 @@ def test_cors_is_off_by_default(server) -> None:
 
 # --- size limits ----------------------------------------------------------------------------
 
-def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(strict) -> None:
-    sock = open_request(strict.url, "/classify", {
+def declare_a_large_body(url: str) -> tuple[int, bytes]:
+    """A request head that announces 50 MB; answered with no body byte sent."""
+    sock = open_request(url, "/classify", {
         **auth(), "Content-Type": "multipart/form-data; boundary=x",
         "Content-Length": str(50_000_000)})
-    status, _, body = read_response(sock)  # answered with no body byte sent
+    status, _, body = read_response(sock)
+    return status, body
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(strict) -> None:
+    status, body = declare_a_large_body(strict.url)
     assert status == 413 and b"request_too_large" in body and b"1000000" in body
 
 
@@ -152,9 +162,13 @@ def test_a_streamed_body_is_cut_off_at_the_limit(strict) -> None:
     assert sent < total / 2, f"{sent} bytes were sent before the refusal"
 
 
-def test_more_images_than_allowed_in_one_request(strict) -> None:
+def classify_too_many(url: str) -> httpx.Response:
     files = [("images", ("7.png", EXAMPLE.read_bytes(), "image/png"))] * 5
-    response = httpx.post(f"{strict.url}/classify", files=files, headers=auth())
+    return httpx.post(f"{url}/classify", files=files, headers=auth(), timeout=60)
+
+
+def test_more_images_than_allowed_in_one_request(strict) -> None:
+    response = classify_too_many(strict.url)
     assert response.status_code == 413 and response.json()["error"] == "too_many_images"
 
 
@@ -162,12 +176,8 @@ def test_a_job_over_its_image_limit_fails_with_the_reason(strict) -> None:
     files = [("images", ("7.png", EXAMPLE.read_bytes(), "image/png"))] * 7
     task_id = httpx.post(f"{strict.url}/classify_batch/submit", files=files,
                          headers=auth()).json()["task_id"]
-    deadline, status = time.monotonic() + 60, "in_progress"
-    while status == "in_progress" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        status = httpx.get(f"{strict.url}/classify_batch/status", params={"task_id": task_id},
-                           headers=auth()).json()["status"]
-    assert status == "failed"
+    status = wait_for_job(strict.url, task_id, headers=auth())
+    assert status == "failed", f"a job over its image limit ended {status}"
     result = httpx.get(f"{strict.url}/classify_batch/get", params={"task_id": task_id},
                        headers=auth())
     assert result.status_code == 413
@@ -177,32 +187,48 @@ def test_a_job_over_its_image_limit_fails_with_the_reason(strict) -> None:
 
 # --- timeout and concurrency ----------------------------------------------------------------
 
-def half_sent_upload(url: str) -> tuple:
+def half_sent_upload(url: str) -> tuple[socket.socket, bytes]:
     body, content_type = multipart_body([("7.png", EXAMPLE.read_bytes(), "image/png")])
     sock = open_request(url, "/classify", {**auth(), "Content-Type": content_type,
                                            "Content-Length": str(len(body))}, body[:100])
     return sock, body[100:]
 
 
-def test_a_request_not_finished_in_time_gets_504(strict) -> None:
-    sock, _rest = half_sent_upload(strict.url)  # a client that stalls mid-upload
+def stall_an_upload(url: str) -> tuple[int, bytes]:
+    """A client that stalls mid-upload, until the service gives up on it."""
+    sock, _rest = half_sent_upload(url)
     status, _, body = read_response(sock)
+    return status, body
+
+
+@contextlib.contextmanager
+def uploads_in_flight(url: str, count: int) -> Iterator[None]:
+    """`count` uploads stalled mid-body, in flight in the worker while the block runs; then
+    finished: each is still answered."""
+    held = [half_sent_upload(url) for _ in range(count)]
+    time.sleep(0.5)  # let the worker read their heads
+    try:
+        yield
+    finally:
+        statuses = []
+        for sock, rest in held:  # one at a time: together they would overload the batcher (2 ms)
+            sock.sendall(rest)
+            statuses.append(read_response(sock)[0])
+    assert statuses == [200] * count, f"uploads held in flight were answered {statuses}"
+
+
+def test_a_request_not_finished_in_time_gets_504(strict) -> None:
+    status, body = stall_an_upload(strict.url)
     assert status == 504, body
     assert b'"timeout"' in body and b"limits.request_timeout_s" in body
 
 
 def test_over_the_concurrency_limit_gets_429_with_retry_after(strict) -> None:
-    held = [half_sent_upload(strict.url) for _ in range(LIMITS["max_concurrency"])]
-    time.sleep(0.5)  # let the worker read their heads
-    try:
+    with uploads_in_flight(strict.url, LIMITS["max_concurrency"]):
         response = classify(strict.url, auth())
-        assert response.status_code == 429, response.text
-        assert response.json()["error"] == "too_many_requests"
-        assert response.headers["retry-after"] == "1"
-    finally:
-        for sock, rest in held:
-            sock.sendall(rest)
-            assert read_response(sock)[0] == 200  # the held uploads are still answered
+    assert response.status_code == 429, response.text
+    assert response.json()["error"] == "too_many_requests"
+    assert response.headers["retry-after"] == "1"
     assert classify(strict.url, auth()).status_code == 200
 
 
@@ -235,14 +261,28 @@ def test_overload_is_refused_with_retry_after_and_the_client_retries(strict) -> 
 
 
 def test_every_limit_is_counted_in_metrics(strict) -> None:
-    text = metrics(strict)
+    """One refusal of each kind, made here: each is counted once, by us with its reason and by
+    BentoML with its status."""
+    before = metrics(strict)
+    assert classify(strict.url, headers={}).status_code == 401
+    assert declare_a_large_body(strict.url)[0] == 413
+    assert classify_too_many(strict.url).status_code == 413
+    assert stall_an_upload(strict.url)[0] == 504
+    with uploads_in_flight(strict.url, LIMITS["max_concurrency"]):
+        assert classify(strict.url, auth()).status_code == 429
+    after = metrics(strict)
+
+    def counted(name: str, **labels: str) -> float:
+        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
+
     for reason, status in [("unauthorized", "401"), ("request_too_large", "413"),
                            ("too_many_images", "413"), ("timeout", "504"),
                            ("too_many_requests", "429")]:
-        assert metric_total(text, "image_classifier_rejected_requests_total",
-                            reason=reason, status=status) > 0, reason
-        assert metric_total(text, "bentoml_service_request_total",
-                            http_response_code=status) > 0, status
+        ours = counted("image_classifier_rejected_requests_total", reason=reason, status=status)
+        assert ours == 1, f"one {reason} refusal counted {ours} times"
+    for status, refusals in {"401": 1, "413": 2, "504": 1, "429": 1}.items():
+        bentoml = counted("bentoml_service_request_total", http_response_code=status)
+        assert bentoml == refusals, f"BentoML counted {bentoml} answers {status}, not {refusals}"
 
 
 def test_a_short_api_key_stops_startup(trained_model: str) -> None:

@@ -20,8 +20,18 @@ import pytest
 from scipy.stats import binom
 
 from serving.contract import ONNX_FILE
-from tests.helpers import (BIN, ROOT, metric_total, python, saved_tag, start_server,
-                           write_config)
+from tests.helpers import (
+    BIN,
+    ROOT,
+    bentoml_build,
+    metric_total,
+    python,
+    saved_tag,
+    start_server,
+    write_config,
+)
+
+pytestmark = pytest.mark.e2e
 
 NAME = "rollout-digits"
 REQUESTS = 2000
@@ -196,9 +206,5 @@ def test_build_packs_every_model_the_configuration_names(versions, tmp_path):
     write_config(project / "configuration.yaml", {
         "rollout": {"variants": [{"tag": v1, "weight": 100}, {"tag": v2, "weight": 0}],
                     "shadow": {"tag": v2}}})
-    result = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=project,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    packed = {str(m.tag) for m in bentoml.get(tag).info.all_models}
+    packed = {str(m.tag) for m in bentoml.get(bentoml_build(project)).info.all_models}
     assert packed == {v1, v2}  # v2 with weight 0: there to roll forward to, or to shadow

@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import digit_images
 from tests.helpers import metric_samples
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def digits(holdout, tmp_path_factory) -> list[tuple[Path, int]]:
@@ -19,7 +21,8 @@ def digits(holdout, tmp_path_factory) -> list[tuple[Path, int]]:
 
 
 def post_images(url: str, paths: list[Path], client: httpx.Client | None = None) -> httpx.Response:
-    files = [("images", (p.name, p.read_bytes(), "image/png" if p.suffix == ".png" else "image/jpeg"))
+    files = [("images", (p.name, p.read_bytes(),
+                         "image/png" if p.suffix == ".png" else "image/jpeg"))
              for p in paths]
     return (client or httpx).post(f"{url}/classify", files=files, timeout=60)
 
@@ -90,7 +93,8 @@ def test_model_info_describes_the_served_model(server, trained_model) -> None:
 
 def test_concurrent_requests_form_adaptive_batches(server, digits) -> None:
     paths = [p for p, _ in digits[:64]]
-    with httpx.Client(limits=httpx.Limits(max_connections=64)) as client, ThreadPoolExecutor(64) as pool:
+    with (httpx.Client(limits=httpx.Limits(max_connections=64)) as client,
+          ThreadPoolExecutor(64) as pool):
         for _ in range(5):
             responses = list(pool.map(lambda p: post_images(server.url, [p], client), paths))
             assert all(r.status_code == 200 for r in responses)

@@ -1,4 +1,5 @@
-"""The Swagger UI at / in a real headless Chromium: a user uploads an example and reads the label."""
+"""The Swagger UI at / in a real headless Chromium: a user uploads an example and reads the
+label."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import shutil
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.e2e
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -18,7 +22,8 @@ EXAMPLE = ROOT / "examples" / "digit_7_00.png"
 def test_classify_from_the_swagger_ui(server, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    assert Path(CHROMIUM).exists(), "Chromium is missing: `apt-get install chromium` (make test does)"
+    assert Path(CHROMIUM).exists(), (
+        "Chromium is missing: `apt-get install chromium` (make test does)")
     with sync_playwright() as playwright:
         # launch() gives the browser a fresh temporary profile of its own.
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

@@ -38,8 +38,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         description="Train a classifier on scikit-learn's embedded 8x8 digits, export ONNX and "
         "TorchScript, check parity and save everything serving needs to the BentoML model store "
         "($BENTOML_HOME/models). To store your own model instead: "
-        "python -m train_export import-pickle --help (a torch.save(model) file) or "
-        "import-torchvision --help (an architecture and a state_dict).",
+        "python -m train_export import-pickle --help (a torch.save(model) file), "
+        "import-torchvision --help (an architecture and a state_dict) or import-onnx --help "
+        "(an ONNX classifier). Smaller variants of a stored model: "
+        "python -m train_export quantize --help (fp16 and int8).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in fields(TrainConfig):

@@ -1,5 +1,6 @@
 """Training data: the embedded default (scikit-learn's 8x8 digits, upscaled; no download), or the
-user's own images in an ImageFolder layout (`--data DIR`)."""
+user's own images in an ImageFolder layout (`--data DIR`); and a stored model's split, rebuilt from
+its card."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from serving.contract import InputSpec
+from serving.contract import InputSpec, ModelCard
+
+from .config import TrainConfig
+
+# The card's lineage.dataset for each source of training data.
+DIGITS_DATASET = "sklearn.datasets.load_digits"
+FOLDER_DATASET = "image folder"
 
 
 @dataclass
@@ -32,7 +39,8 @@ def upscale(images_8x8: np.ndarray, size: int) -> np.ndarray:
     pixels = np.clip(np.rint(images_8x8 * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return np.stack(
         [
-            np.asarray(Image.fromarray(img, mode="L").resize((size, size), Image.Resampling.BILINEAR))
+            np.asarray(Image.fromarray(img, mode="L")
+                       .resize((size, size), Image.Resampling.BILINEAR))
             for img in pixels
         ]
     )
@@ -123,3 +131,31 @@ def channel_stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     std = np.maximum(values.std(axis=0), 1e-3)  # a constant channel must not divide by zero
     return tuple(round(float(m), 4) for m in values.mean(axis=0)), tuple(
         round(float(s), 4) for s in std)
+
+
+def split_from_card(card: ModelCard, folder: Path | None = None) -> Split | None:
+    """A stored model's train/holdout split, rebuilt from its card: the same data, seed and
+    holdout fraction (a model without a training record: the defaults).
+
+    Args:
+        card: the model's card.
+        folder: an ImageFolder to split instead of the model's own data; its classes must be
+            named like the model's labels.
+
+    Returns:
+        The split, or None for a model whose card names no data (an import) and no `folder`.
+    """
+    defaults = TrainConfig()
+    seed = card.training.seed if card.training else defaults.seed
+    fraction = card.training.holdout_fraction if card.training else defaults.holdout_fraction
+    if folder is None and card.lineage.data_dir is not None:
+        folder = Path(card.lineage.data_dir)
+    if folder is not None:
+        split = load_image_folder(folder, card.input, fraction, seed).split
+        if split.labels != card.labels:
+            raise SystemExit(f"{folder}: classes {split.labels} are not the model's labels "
+                             f"{card.labels}; name the folders after the labels")
+        return split
+    if card.lineage.dataset == DIGITS_DATASET:
+        return load_digits_split(card.input.height, card.input.channels, fraction, seed)
+    return None

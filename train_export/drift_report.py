@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import string
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
@@ -26,23 +27,34 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from serving.contract import ONNX_FILE, ModelCard
 
-from .config import TrainConfig
-from .data import load_digits_split
-from .export import FEATURES_NAME, run_graph
+from .classification import FEATURES_NAME
+from .data import DIGITS_DATASET, split_from_card
+from .graph import run_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 200
 REFERENCE = 500
 WINDOWS = (10, 20, 50, 100, 200)
-PERMUTATIONS = 1000
 ALPHA = 0.01
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
-CLEAN_WINDOWS = 100
 KERNELS = {
     "Gaussian": torchdrift.detectors.mmd.GaussianKernel,
     "Exponential": torchdrift.detectors.mmd.ExpKernel,
     "Rational Quadratic": torchdrift.detectors.mmd.RationalQuadraticKernel,
 }
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard the report tries: permutations per MMD test, and clean windows tested for false
+    alarms."""
+
+    permutations: int
+    clean_windows: int
+
+
+FULL = Effort(permutations=1000, clean_windows=100)
+QUICK = Effort(permutations=200, clean_windows=5)  # a smoke run, not the report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,11 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "drift.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="200 permutations and 5 clean windows: a smoke run, not the report")
+                        help=f"{QUICK.permutations} permutations and {QUICK.clean_windows} clean "
+                        "windows: a smoke run, not the report")
     args = parser.parse_args(argv)
-    if args.quick:
-        global PERMUTATIONS, CLEAN_WINDOWS
-        PERMUTATIONS, CLEAN_WINDOWS = 200, 5
+    args.effort = QUICK if args.quick else FULL
     return args
 
 
@@ -96,16 +107,17 @@ def drawn(count: int, size: int, seed: int, kind: str) -> np.ndarray:
     return np.stack(images)
 
 
-def p_value(reference: np.ndarray, window: np.ndarray, kernel: str) -> float:
+def p_value(reference: np.ndarray, window: np.ndarray, kernel: str, permutations: int) -> float:
     detector = torchdrift.detectors.KernelMMDDriftDetector(
-        return_p_value=True, n_perm=PERMUTATIONS, kernel=KERNELS[kernel]())
+        return_p_value=True, n_perm=permutations, kernel=KERNELS[kernel]())
     detector.fit(torch.from_numpy(reference))
     return float(detector(torch.from_numpy(window)))
 
 
-def smallest_window(reference: np.ndarray, stream: np.ndarray, kernel: str) -> int | None:
+def smallest_window(reference: np.ndarray, stream: np.ndarray, kernel: str,
+                    permutations: int) -> int | None:
     for size in WINDOWS:
-        if p_value(reference, stream[:size], kernel) < ALPHA:
+        if p_value(reference, stream[:size], kernel, permutations) < ALPHA:
             return size
     return None
 
@@ -142,21 +154,19 @@ def embedding_figure(reference: np.ndarray, streams: dict[str, np.ndarray], path
     plt.close(figure)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    effort = args.effort
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     stored = bentoml.models.get(args.model)
     card = ModelCard.read(Path(stored.path))
-    if card.lineage.get("dataset") != "sklearn.datasets.load_digits":
+    split = split_from_card(card) if card.lineage.dataset == DIGITS_DATASET else None
+    if split is None:
         raise SystemExit(f"{stored.tag} was not trained on the embedded digits; the report's "
                          "streams are digits")
     session = ort.InferenceSession(str(Path(stored.path) / ONNX_FILE),
                                    providers=["CPUExecutionProvider"])
-    config = TrainConfig()
-    fraction = card.training.get("holdout_fraction", config.holdout_fraction)
-    split = load_digits_split(card.input.height, card.input.channels, fraction,
-                              card.training.get("seed", config.seed))
     rng = np.random.default_rng(args.seed)
     reference_pixels = split.train_x[rng.permutation(len(split.train_x))[:REFERENCE]]
     reference = run_graph(session, FEATURES_NAME, reference_pixels)
@@ -166,20 +176,22 @@ def main() -> None:
                **{f"blur sigma {s:g}": blur(clean, s) for s in BLUR_SIGMAS},
                "shapes (OOD)": drawn(WINDOW, size, args.seed, "shapes"),
                "letters (OOD)": drawn(WINDOW, size, args.seed + 1, "letters")}
-    stream_features = {name: run_graph(session, FEATURES_NAME, pixels) for name, pixels in streams.items()}
+    stream_features = {name: run_graph(session, FEATURES_NAME, pixels)
+                       for name, pixels in streams.items()}
 
-    p_values = {(name, kernel): p_value(reference, feats, kernel)
+    p_values = {(name, kernel): p_value(reference, feats, kernel, effort.permutations)
                 for name, feats in stream_features.items() for kernel in KERNELS}
-    windows = {(name, kernel): smallest_window(reference, feats, kernel)
+    windows = {(name, kernel): smallest_window(reference, feats, kernel, effort.permutations)
                for name, feats in stream_features.items() for kernel in KERNELS}
     figure = args.out.with_suffix(".png")
     embedding_figure(reference, stream_features, figure)
-    alarms = false_alarms(session, split.holdout_x, reference, args.seed)
+    alarms = false_alarms(session, split.holdout_x, reference, args.seed, effort)
     write_report(args, stored, stream_features, p_values, windows,
                  (alarms, len(split.holdout_x)), figure, time.perf_counter() - started)
 
 
-def false_alarms(session, holdout: np.ndarray, reference: np.ndarray, seed: int) -> int:
+def false_alarms(session: ort.InferenceSession, holdout: np.ndarray, reference: np.ndarray,
+                 seed: int, effort: Effort) -> int:
     """How often the service's own detector (serving.drift, numpy) flags clean data: random
     windows of held-out digits, each tested like a full window in production."""
     from serving.drift import kernel_mmd
@@ -187,23 +199,27 @@ def false_alarms(session, holdout: np.ndarray, reference: np.ndarray, seed: int)
     rng = np.random.default_rng(seed + 100)
     features = run_graph(session, FEATURES_NAME, holdout)
     flagged = 0
-    for _ in range(CLEAN_WINDOWS):
+    for _ in range(effort.clean_windows):
         window = features[rng.permutation(len(features))[:WINDOW]]
-        flagged += kernel_mmd(window, reference, PERMUTATIONS, rng=rng)[1] < ALPHA
+        flagged += kernel_mmd(window, reference, effort.permutations, rng=rng)[1] < ALPHA
     return int(flagged)
 
 
-def write_report(args, stored, streams, p_values, windows, clean_alarms: tuple[int, int],
+def write_report(args: argparse.Namespace, stored: bentoml.Model,
+                 streams: dict[str, np.ndarray], p_values: dict[tuple[str, str], float],
+                 windows: dict[tuple[str, str], int | None], clean_alarms: tuple[int, int],
                  figure: Path, seconds: float) -> None:
     kernels = list(KERNELS)
+    effort = args.effort
     alarms, pool = clean_alarms
     blurs = [name for name in streams if name.startswith("blur")]
     ood = [name for name in streams if "OOD" in name]
 
-    def window_text(value):
+    def window_text(value: int | None) -> str:
         return f"{value}" if value is not None else f"> {WINDOWS[-1]}"
 
-    def detect_cost(kernel, names):  # a miss counts as twice the largest window
+    def detect_cost(kernel: str, names: list[str]) -> int:
+        # A miss counts as twice the largest window.
         return sum(windows[(n, kernel)] or 2 * WINDOWS[-1] for n in names)
 
     best = min(kernels, key=lambda k: (detect_cost(k, blurs), p_values[(blurs[0], k)]))
@@ -221,6 +237,11 @@ def write_report(args, stored, streams, p_values, windows, clean_alarms: tuple[i
         f"| {name} | " + " | ".join(f"{p_values[(name, k)]:.3f}" for k in kernels) + " | "
         + " | ".join(window_text(windows[(name, k)]) for k in kernels) + " |"
         for name in streams)
+    header = (f"| stream | p-value, {' | p-value, '.join(kernels)} | smallest window with "
+              f"p < {ALPHA}, {' | smallest window, '.join(kernels)} |")
+    clean_verdict = ("no kernel flags the clean held-out digits" if not false_alarms else
+                     "flagged by " + ", ".join(false_alarms) + " (a false alarm)")
+    clean_p_values = ", ".join(f"{p_values[('clean held-out', k)]:.2f}" for k in kernels)
     args.out.write_text(f"""# Data drift: what a kernel MMD test on the features can see
 
 `python -m train_export.drift_report` (`make drift-report`), {time.strftime('%Y-%m-%d')},
@@ -230,9 +251,10 @@ stream is {WINDOW} images: clean held-out digits (never trained on), the same di
 Gaussian-blurred at sigma {", ".join(f"{s:g}" for s in BLUR_SIGMAS)} px (at
 28x28), and two out-of-distribution sets drawn with Pillow, light on dark like the digits:
 outlined circles, squares and triangles, and capital letters. TorchDrift 0.1.0.post1
-`KernelMMDDriftDetector`, {PERMUTATIONS} permutations, lengthscale = median pairwise distance.
+`KernelMMDDriftDetector`, {effort.permutations} permutations, lengthscale = median pairwise \
+distance.
 
-| stream | p-value, {" | p-value, ".join(kernels)} | smallest window with p < {ALPHA}, {" | smallest window, ".join(kernels)} |
+{header}
 |---|{"---|" * (2 * len(kernels))}
 {rows}
 
@@ -243,10 +265,11 @@ of the pooled samples gave a larger statistic.)
 
 ## What it says
 
-- **Clean data:** {"no kernel flags the clean held-out digits" if not false_alarms else "flagged by " + ", ".join(false_alarms) + " (a false alarm)"} (p-values {", ".join(f"{p_values[('clean held-out', k)]:.2f}" for k in kernels)}).
+- **Clean data:** {clean_verdict} (p-values {clean_p_values}).
   The service's own detector (serving/drift.py, the Gaussian kernel in numpy) flagged
-  **{alarms} of {CLEAN_WINDOWS}** random windows of {WINDOW} clean held-out digits at p < {ALPHA}
-  (a false-alarm rate of {alarms / CLEAN_WINDOWS:.0%}; the windows are drawn from the same
+  **{alarms} of {effort.clean_windows}** random windows of {WINDOW} clean held-out digits at \
+p < {ALPHA}
+  (a false-alarm rate of {alarms / effort.clean_windows:.0%}; the windows are drawn from the same
   {pool} held-out images, so they overlap).
 - **Blur:** the {best} kernel separated the blurred digits best: {why}. Windows needed:
   {", ".join(window_text(windows[(n, best)]) for n in blurs)} images for sigma

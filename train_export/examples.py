@@ -11,7 +11,8 @@ from PIL import Image
 def write_examples(
     images: np.ndarray, targets: np.ndarray, labels: list[str], directory: Path, per_format: int
 ) -> list[Path]:
-    """Write `per_format` PNG and JPEG images named `<label>_<index>.<ext>` (true label first)."""
+    """Write `per_format` PNG and JPEG images, alternating, named `digit_<label>_<index>.<ext>`
+    (e.g. digit_7_00.png): the true label is the second field of the name."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for i in range(min(2 * per_format, len(images))):

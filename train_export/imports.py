@@ -8,7 +8,8 @@
 - import-onnx: an existing ONNX classifier (float NCHW in, scores out); train_export/onnx_import.py.
 
 Either way the model is exported to ONNX and TorchScript graphs that need none of its code,
-checked for parity, and stored with its labels, input spec and lineage like our own exports.
+checked for parity, and stored with its labels, input spec and lineage through the same path as
+our own exports (store.export_and_store).
 """
 
 from __future__ import annotations
@@ -16,21 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from serving.contract import GraphSpec, InputSpec, ModelCard, Parity, sha256_of
+from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard, sha256_of
 
-from .export import ServingWrapper, check_head_split, export_all
-from .models import split_head
-from .store import library_versions, save_to_store
+from .classification import export_classifier, serving_wrapper
+from .store import library_versions
 
 PARITY_SAMPLES = 64  # random images: an imported model comes without its data
 
@@ -75,13 +75,14 @@ def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--polarity", choices=["natural", "light_on_dark", "dark_on_light"],
                         help="what transparent pixels become: black for light_on_dark (ink on "
                         "a dark background), white otherwise")
-    parser.add_argument("--parity-tolerance", type=float, default=1e-4)
+    parser.add_argument("--parity-tolerance", type=float, default=1e-4,
+                        help="max |p_original - p_exported| accepted on the parity images")
     args = parser.parse_args(argv)
     args.command = command
     return args
 
 
-def input_spec(args: argparse.Namespace, known: dict | None = None) -> InputSpec:
+def input_spec(args: argparse.Namespace, known: dict[str, Any] | None = None) -> InputSpec:
     """Options, over the --spec file, over what the model itself says (`known`: an ONNX input's
     size and colour mode), over ImageNet's RGB defaults."""
     import yaml
@@ -96,7 +97,7 @@ def input_spec(args: argparse.Namespace, known: dict | None = None) -> InputSpec
         raise SystemExit("give the model's input size: --input-size HEIGHT WIDTH (or input_size "
                          "in --spec)")
     height, width = values["input_size"]
-    channels = 1 if values["color_mode"] == "L" else 3
+    channels: Literal[1, 3] = 1 if values["color_mode"] == "L" else 3
     if len(values["mean"]) != channels or len(values["std"]) != channels:
         raise SystemExit(f"mean and std need {channels} values for color mode "
                          f"{values['color_mode']}")
@@ -124,9 +125,10 @@ def load_pickled(path: Path, code_paths: list[Path]) -> nn.Module:
             # weights_only=False: a whole pickled model is code; load only files you trust.
             model = torch.load(path, map_location="cpu", weights_only=False)
         except ModuleNotFoundError as exc:
+            missing = cast(str, exc.name)  # always set when an import finds no module
             raise SystemExit(
-                f"{path} needs the module {exc.name!r} to load: pass --code-path DIR, where DIR "
-                f"is the folder that contains the package {exc.name.split('.')[0]!r}"
+                f"{path} needs the module {missing!r} to load: pass --code-path DIR, where DIR "
+                f"is the folder that contains the package {missing.split('.')[0]!r}"
             ) from None
     if not isinstance(model, nn.Module):
         raise SystemExit(f"{path} holds a {type(model).__name__}, not a torch.nn.Module: for a "
@@ -157,37 +159,32 @@ def import_model(args: argparse.Namespace) -> str:
     spec = input_spec(args)
     if args.command == "import-pickle":
         model = load_pickled(args.model, args.code_path)
-        source = {"source": "torch.save(model)", "file": args.model.name,
-                  "file_sha256": sha256_of(args.model)}
+        source = Lineage(source="torch.save(model)", file=args.model.name,
+                         file_sha256=sha256_of(args.model))
         architecture = f"{type(model).__module__}.{type(model).__qualname__}"
     else:
         model = load_torchvision(args.architecture, args.checkpoint, len(labels))
-        source = {"source": "torchvision state_dict", "file": args.checkpoint.name,
-                  "file_sha256": sha256_of(args.checkpoint)}
+        source = Lineage(source="torchvision state_dict", file=args.checkpoint.name,
+                         file_sha256=sha256_of(args.checkpoint))
         architecture = args.architecture
     sample = np.random.default_rng(0).integers(0, 256, (PARITY_SAMPLES, *spec.shape), np.uint8)
-    backbone, head = split_head(model)
-    if head.out_features != len(labels):
-        raise SystemExit(f"the model has {head.out_features} outputs and {args.labels} has "
-                         f"{len(labels)} labels: they must match, in output order")
-    wrapper = ServingWrapper(backbone, head, spec.mean, spec.std).eval()
-    check_head_split(model, wrapper, torch.from_numpy(sample[:8]))
-    with torch.no_grad():
-        _, features = wrapper(torch.from_numpy(sample[:1]))
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts, parity = export_all(wrapper, sample, Path(tmp), args.parity_tolerance)
-        card = ModelCard(
-            name=args.name,
-            architecture=architecture,
-            labels=labels,
-            input=spec,
-            graph=GraphSpec(feature_dim=int(features.shape[1])),
-            parity=Parity(**vars(parity)),
-            lineage={**source, "parity_data": f"{PARITY_SAMPLES} random images",
-                     "versions": library_versions()},
-        )
-        tag = save_to_store(card, artifacts, store_labels={
-            "task": "image-classification", "source": args.command.removeprefix("import-")})
-    print(json.dumps({"tag": tag, "parity": vars(parity),
+    wrapper = serving_wrapper(model, spec, sample[:8])
+    if wrapper.head.out_features != len(labels):
+        raise SystemExit(f"the model has {wrapper.head.out_features} outputs and {args.labels} "
+                         f"has {len(labels)} labels: they must match, in output order")
+    card = ModelCard(
+        name=args.name,
+        architecture=architecture,
+        labels=labels,
+        input=spec,
+        graph=GraphSpec(feature_dim=wrapper.feature_dim),
+        lineage=source.model_copy(update={"parity_data": f"{PARITY_SAMPLES} random images",
+                                          "versions": library_versions()}),
+    )
+    stored = export_classifier(wrapper, sample, card, args.parity_tolerance, store_labels={
+        "task": "image-classification", "source": args.command.removeprefix("import-")})
+    parity = stored.card.parity
+    assert parity is not None  # export_and_store always measures it
+    print(json.dumps({"tag": stored.tag, "parity": parity.model_dump(),
                       "seconds": round(time.perf_counter() - started, 1)}))
-    return tag
+    return stored.tag

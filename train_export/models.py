@@ -31,7 +31,8 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.body(x)))
+        logits: torch.Tensor = self.fc(self.dropout(self.body(x)))
+        return logits
 
 
 def build_model(architecture: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -46,7 +47,9 @@ def build_model(architecture: str, num_classes: int, in_channels: int) -> nn.Mod
         )
     if in_channels != 3:
         raise SystemExit(f"{architecture} takes RGB input: use 3 channels")
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    model: nn.Module = torchvision.models.get_model(architecture, weights=None,
+                                                    num_classes=num_classes)
+    return model
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

@@ -8,30 +8,30 @@ teach serving a second input format, the imported graph gets the missing pieces 
 around it: Cast -> Transpose -> Mul/Add (the user's mean and std) in front, Softmax (unless it
 already returns probabilities) behind. The original graph is untouched inside (its names
 prefixed), and a parity check compares the result with the original run on numpy-normalized
-input.
+input (within --parity-tolerance). It is then saved, checked and stored through the same path as
+every other model (store.export_and_store).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard, Parity, sha256_of
+from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard, sha256_of
 
-from .export import FEATURES_NAME, INPUT_NAME, MAX_IR_VERSION, PROBABILITIES_NAME
+from .classification import FEATURES_NAME, PROBABILITIES_NAME, ProbabilityParity
+from .graph import INPUT_NAME
 from .imports import PARITY_SAMPLES, input_spec
-from .store import library_versions, save_to_store
+from .store import ParityError, export_and_store, library_versions
 
 PREFIX = "imported/"
-PARITY_TOLERANCE = 1e-4
 
 
 def fail(message: str) -> SystemExit:
@@ -40,7 +40,8 @@ def fail(message: str) -> SystemExit:
 
 def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs: list[onnx.ValueInfoProto] = [i for i in model.graph.input
+                                         if i.name not in initializers]
     if len(inputs) != 1:
         raise fail(f"the graph has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                    "an image classifier takes one, the image batch")
@@ -52,10 +53,10 @@ def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
-def known_input(value: onnx.ValueInfoProto) -> dict:
+def known_input(value: onnx.ValueInfoProto) -> dict[str, Any]:
     """Size and colour mode where the graph fixes them (dims with a value, not a name)."""
     _, channels, height, width = (d.dim_value or None for d in value.type.tensor_type.shape.dim)
-    known = {}
+    known: dict[str, Any] = {}
     if height and width:
         known["input_size"] = [height, width]
     if channels in (1, 3):
@@ -66,14 +67,15 @@ def known_input(value: onnx.ValueInfoProto) -> dict:
 def check_input_fits(value: onnx.ValueInfoProto, spec: InputSpec) -> None:
     dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
     expected = [None, spec.channels, spec.height, spec.width]
-    for axis, (have, want) in enumerate(zip(dims[1:], expected[1:]), start=1):
+    for have, want in zip(dims[1:], expected[1:]):
         if have is not None and have != want:
             raise fail(f"the graph's input is {dims} (N, C, H, W) but the spec says C, H, W = "
                        f"{spec.channels}, {spec.height}, {spec.width}: fix --input-size / "
                        "--color-mode, or leave them out to use the graph's")
 
 
-def preprocessing_nodes(spec: InputSpec, target: str) -> tuple[list, list]:
+def preprocessing_nodes(spec: InputSpec,
+                        target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """uint8 NHWC `pixels` -> (x/255 - mean)/std as float NCHW, written to `target`."""
     mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
@@ -113,7 +115,8 @@ def wrap(model: onnx.ModelProto, spec: InputSpec, scores: str, features: str,
         value_info=list(inner.graph.value_info))
     wrapped = helper.make_model(graph, opset_imports=list(model.opset_import),
                                 producer_name="image-classifier train_export import-onnx")
-    wrapped.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    # The original's IR version fits its opsets; save_onnx lowers it where ORT needs it.
+    wrapped.ir_version = model.ir_version
     wrapped.functions.extend(inner.functions)
     return wrapped
 
@@ -122,7 +125,8 @@ def run_original(model_bytes: bytes, input_name: str, outputs: list[str],
                  batch: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     try:
-        return session.run(outputs, {input_name: batch})
+        results: list[np.ndarray] = session.run(outputs, {input_name: batch})
+        return results
     except Exception as exc:  # ORT raises its own types: say what it means for the user
         raise fail(f"a test inference on a batch of {len(batch)} failed ({exc}); if the graph "
                    "has a fixed batch size, export it with a dynamic batch axis (torch: "
@@ -143,7 +147,8 @@ def looks_like_probabilities(scores: np.ndarray) -> bool:
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 def import_onnx(args: argparse.Namespace) -> str:
@@ -178,40 +183,35 @@ def import_onnx(args: argparse.Namespace) -> str:
 
     feature_dim = int(features.reshape(len(pixels), -1).shape[1])
     wrapped = wrap(model, spec, scores_name, features_name, logits, len(labels), feature_dim)
-    onnx.checker.check_model(wrapped, full_check=True)
-    session = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
-    probabilities, served_features = session.run([PROBABILITIES_NAME, FEATURES_NAME],
-                                                 {INPUT_NAME: pixels})
-    diff = float(np.abs(probabilities - expected).max())
-    if diff > PARITY_TOLERANCE:
-        raise fail(f"the wrapped graph differs from the original by {diff:.2e} (tolerance "
-                   f"{PARITY_TOLERANCE:g}); please report this with the model's opset")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        artifact = Path(tmp) / ONNX_FILE
-        onnx.save(wrapped, str(artifact))
-        card = ModelCard(
-            name=args.name,
-            architecture=f"onnx:{model.graph.name or args.model.stem}",
-            labels=labels,
-            input=spec,
-            graph=GraphSpec(feature_dim=int(served_features.shape[1]),
-                            opset=next((o.version for o in model.opset_import
-                                        if o.domain in ("", "ai.onnx")), None)),
-            parity=Parity(samples=len(pixels), tolerance=PARITY_TOLERANCE,
-                          onnxruntime_max_abs_diff=diff),
-            lineage={"source": "onnx", "file": args.model.name,
-                     "file_sha256": sha256_of(args.model),
-                     "original_input": value.name, "original_outputs": output_names,
-                     "scores_output": scores_name, "scores_were": "logits" if logits
-                     else "probabilities", "features_output": features_name,
-                     "producer": f"{model.producer_name} {model.producer_version}".strip(),
-                     "parity_data": f"{len(pixels)} random images",
-                     "versions": library_versions()},
-        )
-        tag = save_to_store(card, [artifact], store_labels={
-            "task": "image-classification", "source": "onnx"})
-    print(json.dumps({"tag": tag, "parity": {"onnxruntime_max_abs_diff": diff},
-                      "scores_were": "logits" if logits else "probabilities",
+    scores_were: Literal["logits", "probabilities"] = "logits" if logits else "probabilities"
+    card = ModelCard(
+        name=args.name,
+        architecture=f"onnx:{model.graph.name or args.model.stem}",
+        labels=labels,
+        input=spec,
+        graph=GraphSpec(feature_dim=feature_dim,
+                        opset=next((o.version for o in model.opset_import
+                                    if o.domain in ("", "ai.onnx")), None)),
+        lineage=Lineage(source="onnx", file=args.model.name, file_sha256=sha256_of(args.model),
+                        original_input=value.name, original_outputs=output_names,
+                        scores_output=scores_name, scores_were=scores_were,
+                        features_output=features_name,
+                        producer=f"{model.producer_name} {model.producer_version}".strip(),
+                        parity_data=f"{len(pixels)} random images",
+                        versions=library_versions()),
+    )
+    try:
+        stored = export_and_store(wrapped, card,
+                                  ProbabilityParity(pixels, expected, args.parity_tolerance),
+                                  store_labels={"task": "image-classification", "source": "onnx"})
+    except ParityError as exc:
+        raise fail(f"{exc}. If a difference that size is acceptable for this model, raise "
+                   "--parity-tolerance; otherwise please report it with the model's opset"
+                   ) from None
+    parity = stored.card.parity
+    assert parity is not None  # export_and_store always measures it
+    print(json.dumps({"tag": stored.tag,
+                      "parity": {"onnxruntime_max_abs_diff": parity.onnxruntime_max_abs_diff},
+                      "scores_were": scores_were,
                       "seconds": round(time.perf_counter() - started, 1)}))
-    return tag
+    return stored.tag

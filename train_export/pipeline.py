@@ -1,24 +1,32 @@
-"""train -> export -> check -> store, for the embedded digits or an ImageFolder (`--data`)."""
+"""train -> export -> check -> store, for the embedded digits or an ImageFolder (`--data`); the
+export and store go through the one path every import takes (store.export_and_store)."""
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from serving.contract import GraphSpec, InputSpec, ModelCard, Parity
+from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard
 
+from .classification import FEATURES_NAME, export_classifier, serving_wrapper
 from .config import DEFAULT_ARCHITECTURE, TrainConfig
-from .data import Split, channel_stats, load_digits_split, load_image_folder
+from .data import (
+    DIGITS_DATASET,
+    FOLDER_DATASET,
+    Split,
+    channel_stats,
+    load_digits_split,
+    load_image_folder,
+)
 from .examples import write_examples
-from .export import ServingWrapper, check_head_split, export_all
-from .models import build_model, split_head
-from .reference import write_reference
-from .store import library_versions, save_to_store
+from .models import build_model
+from .reference import ReferenceSample
+from .store import library_versions
 from .train import accuracy, class_accuracy, to_float, train
 
 logger = logging.getLogger(__name__)
@@ -32,7 +40,8 @@ def input_spec_for(config: TrainConfig) -> InputSpec:
     """For the digits, their known statistics; for a folder, placeholders until it is measured."""
     grey = (config.color_mode or ("L" if config.architecture == DEFAULT_ARCHITECTURE else "RGB")
             ) == "L"
-    channels = 1 if grey else 3
+    channels: Literal[1, 3] = 1 if grey else 3
+    polarity: Literal["natural", "light_on_dark"]
     if config.data_dir is not None:
         mean, std, polarity = (0.5,) * channels, (0.25,) * channels, "natural"
     else:
@@ -50,23 +59,22 @@ def input_spec_for(config: TrainConfig) -> InputSpec:
     )
 
 
-def load_data(config: TrainConfig, spec: InputSpec) -> tuple[Split, InputSpec, dict]:
+def load_data(config: TrainConfig, spec: InputSpec) -> tuple[Split, InputSpec, Lineage]:
     """The split to train on, the input spec measured on it, and its lineage."""
     if config.data_dir is None:
         split = load_digits_split(spec.height, spec.channels, config.holdout_fraction,
                                   config.seed)
-        return split, spec, {"dataset": "sklearn.datasets.load_digits",
-                             "data_sha256": split.data_hash}
+        return split, spec, Lineage(dataset=DIGITS_DATASET, data_sha256=split.data_hash)
     folder = load_image_folder(Path(config.data_dir), spec, config.holdout_fraction, config.seed)
     if folder.skipped:
         logger.warning("skipped %d files that are not images: %s", len(folder.skipped),
                        ", ".join(folder.skipped[:10]))
     mean, std = channel_stats(folder.split.train_x)
     spec = spec.model_copy(update={"mean": mean, "std": std})
-    return folder.split, spec, {"dataset": "image folder",
-                                "data_dir": str(Path(config.data_dir).resolve()),
-                                "data_sha256": folder.split.data_hash,
-                                "skipped_files": folder.skipped}
+    return folder.split, spec, Lineage(dataset=FOLDER_DATASET,
+                                       data_dir=str(Path(config.data_dir).resolve()),
+                                       data_sha256=folder.split.data_hash,
+                                       skipped_files=folder.skipped)
 
 
 def train_and_export(config: TrainConfig) -> str:
@@ -87,42 +95,30 @@ def train_and_export(config: TrainConfig) -> str:
     per_class = class_accuracy(model, holdout_x, split.holdout_y, split.labels)
     train_seconds = time.perf_counter() - started
 
-    backbone, head = split_head(model)
-    wrapper = ServingWrapper(backbone, head, spec.mean, spec.std).eval()
-    check_head_split(model, wrapper, torch.from_numpy(split.holdout_x[:8]))
-    with torch.no_grad():
-        _, features = wrapper(torch.from_numpy(split.holdout_x[:1]))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts, parity = export_all(
-            wrapper, split.holdout_x, Path(tmp), config.parity_tolerance
-        )
-        reference_file, reference = write_reference(artifacts[0], split.train_x, Path(tmp),
-                                                    config.seed, "training split")
-        card = ModelCard(
-            name=config.name,
-            architecture=config.architecture,
-            labels=split.labels,
-            input=spec,
-            graph=GraphSpec(feature_dim=int(features.shape[1])),
-            parity=Parity(**vars(parity)),
-            accuracy={"holdout": holdout_accuracy},
-            class_accuracy=per_class,
-            drift_reference=reference,
-            training={**config.to_record(), "train_seconds": round(train_seconds, 1)},
-            lineage={
-                **data_lineage,
-                "train_samples": int(len(split.train_y)),
-                "holdout_samples": int(len(split.holdout_y)),
-                "versions": library_versions(),
-            },
-        )
-        tag = save_to_store(
-            card,
-            [*artifacts, reference_file],
-            store_labels={"task": "image-classification", "architecture": config.architecture,
-                          "dataset": "image-folder" if config.data_dir else "sklearn-digits"},
-        )
+    wrapper = serving_wrapper(model, spec, split.holdout_x[:8])
+    card = ModelCard(
+        name=config.name,
+        architecture=config.architecture,
+        labels=split.labels,
+        input=spec,
+        graph=GraphSpec(feature_dim=wrapper.feature_dim),
+        accuracy={"holdout": holdout_accuracy},
+        class_accuracy=per_class,
+        training=config.to_record(train_seconds),
+        lineage=data_lineage.model_copy(update={
+            "train_samples": int(len(split.train_y)),
+            "holdout_samples": int(len(split.holdout_y)),
+            "versions": library_versions(),
+        }),
+    )
+    stored = export_classifier(
+        wrapper, split.holdout_x, card, config.parity_tolerance,
+        store_labels={"task": "image-classification", "architecture": config.architecture,
+                      "dataset": "image-folder" if config.data_dir else "sklearn-digits"},
+        reference=ReferenceSample(split.train_x, config.seed, FEATURES_NAME),
+    )
+    parity = stored.card.parity
+    assert parity is not None  # export_and_store always measures it
 
     if config.examples_dir is not None and config.data_dir is None:
         write_examples(split.holdout_x, split.holdout_y, split.labels, Path(config.examples_dir),
@@ -130,7 +126,7 @@ def train_and_export(config: TrainConfig) -> str:
     print(
         f"held-out accuracy: {holdout_accuracy:.4f} ({len(split.holdout_y)} images) | "
         f"parity max abs diff: onnxruntime {parity.onnxruntime_max_abs_diff:.2e}, "
-        f"torchscript {parity.torchscript_max_abs_diff:.2e} | saved {tag} "
+        f"torchscript {parity.torchscript_max_abs_diff:.2e} | saved {stored.tag} "
         f"in {time.perf_counter() - started:.1f}s"
     )
-    return tag
+    return stored.tag

@@ -13,7 +13,9 @@ Calibration and evaluation data: the model's own (the embedded digits, or the Im
 was trained on), or `--data DIR` (ImageFolder layout, its classes named like the model's labels).
 The variant is compared with the fp32 graph on the held-out images: accuracy, its delta, top-1
 agreement and the largest probability difference, recorded in the card's lineage (`precision`,
-`derived_from`, `vs_fp32`) and shown by /model_info.
+`derived_from`, `vs_fp32`) and shown by /model_info. Each variant is saved, checked and stored
+like every other model (graph.save_onnx, store.save_to_store); its parity is against fp32, so
+its card's `parity` (against the eager model) is empty.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import bentoml
 import numpy as np
 import onnx
 
-from serving.contract import ONNX_FILE, ModelCard
+from serving.contract import ONNX_FILE, ModelCard, PrecisionComparison
 
-from .config import TrainConfig
-from .data import Split, load_digits_split, load_image_folder
-from .export import INPUT_NAME, MAX_IR_VERSION, PROBABILITIES_NAME, run_graph
-from .reference import write_reference
-from .store import save_to_store
+from .classification import FEATURES_NAME, PROBABILITIES_NAME
+from .data import split_from_card
+from .graph import INPUT_NAME, run_graph, save_onnx
+from .reference import ReferenceSample
+from .store import Exported, save_to_store
 
 PRECISIONS = ("fp16", "int8")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
@@ -53,26 +55,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def evaluation_data(card: ModelCard, data: Path | None) -> Split:
-    """The model's train/holdout split, rebuilt from its card (same seed and fraction)."""
-    training = card.training or {}
-    defaults = TrainConfig()
-    fraction = training.get("holdout_fraction", defaults.holdout_fraction)
-    seed = training.get("seed", defaults.seed)
-    folder = data or (Path(card.lineage["data_dir"]) if card.lineage.get("data_dir") else None)
-    if folder is not None:
-        split = load_image_folder(folder, card.input, fraction, seed).split
-        if split.labels != card.labels:
-            raise SystemExit(f"{folder}: classes {split.labels} are not the model's labels "
-                             f"{card.labels}; name the folders after the labels")
-        return split
-    if card.lineage.get("dataset") == "sklearn.datasets.load_digits":
-        return load_digits_split(card.input.height, card.input.channels, fraction, seed)
-    raise SystemExit("this model came without its training data: pass --data DIR, an "
-                     "ImageFolder of images like the ones it will serve, to calibrate and "
-                     "evaluate the variants")
-
-
 class Calibration:
     """onnxruntime.quantization's CalibrationDataReader protocol over uint8 training images."""
 
@@ -84,91 +66,87 @@ class Calibration:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def to_fp16(source: Path, target: Path) -> None:
+def to_fp16(source: Path) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    onnx.save(model, str(target))
+    converted: onnx.ModelProto = convert_float_to_float16(onnx.load(str(source)),
+                                                          keep_io_types=True)
+    return converted
 
 
-def to_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
+def to_int8(source: Path, calibration: np.ndarray) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "quantized.onnx"
         quant_pre_process(str(source), str(prepared))  # shapes and folding, as ORT recommends
-        quantize_static(str(prepared), str(target), Calibration(calibration),
+        quantize_static(str(prepared), str(quantized), Calibration(calibration),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=QUANTIZED_OPS,
                         calibrate_method=CalibrationMethod.MinMax)
-    model = onnx.load(str(target))
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
-        onnx.save(model, str(target))
+        return onnx.load(str(quantized))
 
 
-def compare(fp32: np.ndarray, variant: np.ndarray, truth: np.ndarray,
-            labels: list[str]) -> tuple[dict, dict]:
+def compare(fp32: np.ndarray, variant: np.ndarray, truth: np.ndarray, labels: list[str],
+            calibration_images: int | None = None) -> tuple[dict[str, float], PrecisionComparison]:
     base_accuracy = float((fp32.argmax(1) == truth).mean())
     accuracy = float((variant.argmax(1) == truth).mean())
     predicted = variant.argmax(1)
     per_class = {label: round(float((predicted[truth == i] == i).mean()), 4)
                  for i, label in enumerate(labels) if (truth == i).any()}
-    return per_class, {
-        "holdout_images": int(len(truth)),
-        "fp32_accuracy": round(base_accuracy, 4),
-        "accuracy": round(accuracy, 4),
-        "accuracy_delta": round(accuracy - base_accuracy, 4),
-        "top1_agreement": round(float((fp32.argmax(1) == predicted).mean()), 4),
-        "max_abs_diff": float(np.abs(fp32 - variant).max()),
-        "mean_abs_diff": float(np.abs(fp32 - variant).mean()),
-    }
+    return per_class, PrecisionComparison(
+        holdout_images=int(len(truth)),
+        fp32_accuracy=round(base_accuracy, 4),
+        accuracy=round(accuracy, 4),
+        accuracy_delta=round(accuracy - base_accuracy, 4),
+        top1_agreement=round(float((fp32.argmax(1) == predicted).mean()), 4),
+        max_abs_diff=float(np.abs(fp32 - variant).max()),
+        mean_abs_diff=float(np.abs(fp32 - variant).mean()),
+        calibration_images=calibration_images,
+    )
 
 
 def quantize(args: argparse.Namespace) -> list[str]:
     base = bentoml.models.get(args.model)
-    base_dir = Path(base.path)
-    card = ModelCard.read(base_dir)
-    if card.lineage.get("precision"):
-        raise SystemExit(f"{base.tag} is already a {card.lineage['precision']} variant; "
+    base_graph = Path(base.path) / ONNX_FILE
+    card = ModelCard.read(Path(base.path))
+    if card.lineage.precision:
+        raise SystemExit(f"{base.tag} is already a {card.lineage.precision} variant; "
                          "quantize the fp32 model it came from")
-    split = evaluation_data(card, args.data)
-    fp32 = run_graph(base_dir / ONNX_FILE, PROBABILITIES_NAME, split.holdout_x)
+    split = split_from_card(card, args.data)
+    if split is None:
+        raise SystemExit("this model came without its training data: pass --data DIR, an "
+                         "ImageFolder of images like the ones it will serve, to calibrate and "
+                         "evaluate the variants")
+    fp32 = run_graph(base_graph, PROBABILITIES_NAME, split.holdout_x)
     rng = np.random.default_rng(0)
     calibration = split.train_x[rng.permutation(len(split.train_x))[:args.calibration_images]]
     tags = []
     for precision in args.to:
         started = time.perf_counter()
+        graph = to_fp16(base_graph) if precision == "fp16" else to_int8(base_graph, calibration)
         with tempfile.TemporaryDirectory() as tmp:
-            graph = Path(tmp) / ONNX_FILE
-            if precision == "fp16":
-                to_fp16(base_dir / ONNX_FILE, graph)
-            else:
-                to_int8(base_dir / ONNX_FILE, graph, calibration)
-            per_class, figures = compare(fp32, run_graph(graph, PROBABILITIES_NAME, split.holdout_x),
-                                         split.holdout_y, card.labels)
-            # The variant's own features: what serving will compare its traffic with.
-            reference_file, reference = write_reference(
-                graph, split.train_x, Path(tmp), seed=0, source="training split")
-            if precision == "int8":
-                figures["calibration_images"] = int(len(calibration))
+            exported = Exported(tuple(save_onnx(graph, Path(tmp) / ONNX_FILE)))
+            per_class, figures = compare(
+                fp32, run_graph(exported.graph, PROBABILITIES_NAME, split.holdout_x),
+                split.holdout_y, card.labels,
+                calibration_images=int(len(calibration)) if precision == "int8" else None)
             variant = card.model_copy(update={
                 "name": f"{card.name}-{precision}",
                 "parity": None,  # parity is against the eager model; these figures are vs fp32
-                "accuracy": {"holdout": figures["accuracy"]},
+                "accuracy": {"holdout": figures.accuracy},
                 "class_accuracy": per_class,
-                "drift_reference": reference,
-                "lineage": {**card.lineage, "precision": precision,
-                            "derived_from": str(base.tag), "vs_fp32": figures},
-                "files": {},
+                "lineage": card.lineage.model_copy(update={
+                    "precision": precision, "derived_from": str(base.tag), "vs_fp32": figures}),
             })
-            tag = save_to_store(variant, [graph, reference_file], store_labels={
+            # The variant's own features: what serving will compare its traffic with.
+            stored = save_to_store(variant, exported, store_labels={
                 "task": "image-classification", "precision": precision,
-                "derived_from": str(base.tag).replace(":", "-")})
-        tags.append(tag)
-        print(json.dumps({"tag": tag, "precision": precision, **figures,
+                "derived_from": str(base.tag).replace(":", "-")},
+                reference=ReferenceSample(split.train_x, seed=0, output=FEATURES_NAME))
+        tags.append(stored.tag)
+        print(json.dumps({"tag": stored.tag, "precision": precision, **figures.model_dump(),
                           "seconds": round(time.perf_counter() - started, 1)}))
     return tags

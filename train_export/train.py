@@ -11,7 +11,8 @@ from tqdm import tqdm
 from .config import TrainConfig
 
 
-def to_float(pixels: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def to_float(pixels: np.ndarray | torch.Tensor, mean: torch.Tensor,
+             std: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> normalized float NCHW: what the exported graph does in its first ops."""
     x = torch.as_tensor(pixels).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)

@@ -8,7 +8,7 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 
 from bench.peers.common import load, parse_args
-from serving.postprocess import to_predictions
+from serving.classification import to_predictions
 from serving.preprocess import decode_image
 
 

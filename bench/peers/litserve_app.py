@@ -8,7 +8,7 @@ import litserve as ls
 import numpy as np
 
 from bench.peers.common import load, parse_args
-from serving.postprocess import to_predictions
+from serving.classification import to_predictions
 from serving.preprocess import decode_image
 
 

@@ -20,8 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script (`make container`): devtools is at the root
+from devtools.processes import NotReadyError, free_port, stop_tree, wait_until_ready  # noqa: E402
+
 WORK = ROOT / "build" / "docker"
 BIN = Path(sys.executable).parent
 IMAGE = "image-classifier"
@@ -75,29 +76,25 @@ def docker_engine() -> Iterator[None]:
     WORK.mkdir(parents=True, exist_ok=True)
     sock = Path("/tmp/image-classifier-docker.sock")
     os.environ["DOCKER_HOST"] = f"unix://{sock}"
-    log_file = open(WORK / "dockerd.log", "w")
-    daemon = subprocess.Popen(
-        ["dockerd", "--data-root", str(WORK / "data"), "--exec-root", "/tmp/image-classifier-exec",
-         "--pidfile", str(WORK / "dockerd.pid"), "-H", f"unix://{sock}",
-         "--bridge=none", "--iptables=false"],
-        stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not engine_answers():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"dockerd did not start; see {WORK / 'dockerd.log'}:\n"
-                                 + (WORK / "dockerd.log").read_text()[-3000:])
-            time.sleep(0.5)
-        log(f"started dockerd (pid {daemon.pid}) at {sock}")
-        yield
-    finally:
-        daemon.send_signal(signal.SIGTERM)
+    with open(WORK / "dockerd.log", "w") as log_file:
+        daemon = subprocess.Popen(
+            ["dockerd", "--data-root", str(WORK / "data"),
+             "--exec-root", "/tmp/image-classifier-exec",
+             "--pidfile", str(WORK / "dockerd.pid"), "-H", f"unix://{sock}",
+             "--bridge=none", "--iptables=false"],
+            stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        log_file.close()
-        log("stopped dockerd")
+            deadline = time.monotonic() + 60
+            while not engine_answers():
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"dockerd did not start; see {WORK / 'dockerd.log'}:\n"
+                                     + (WORK / "dockerd.log").read_text()[-3000:])
+                time.sleep(0.5)
+            log(f"started dockerd (pid {daemon.pid}) at {sock}")
+            yield
+        finally:
+            stop_tree(daemon)  # and the containerd it started
+            log("stopped dockerd")
 
 
 # --- the image --------------------------------------------------------------------------------
@@ -161,12 +158,6 @@ def build_image() -> tuple[str, str]:
 
 # --- the checks -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def smoke(image: str, tag: str) -> dict:
     """Run the image as a user does and check it; returns the figures for the report."""
     port = free_port()
@@ -176,7 +167,7 @@ def smoke(image: str, tag: str) -> dict:
            "-e", "BENTOML_HOST=127.0.0.1", image)
     url = f"http://127.0.0.1:{port}"
     try:
-        ready_s = wait_until_ready(url, name, started)
+        ready_s = wait_for_container(url, name, started)
         figures = {"image": image, "ready_s": round(ready_s, 1),
                    "image_mb": round(int(docker("image", "inspect", "-f", "{{.Size}}", image)
                                          .stdout.strip()) / 2**20)}
@@ -190,16 +181,19 @@ def smoke(image: str, tag: str) -> dict:
         docker("rm", "-f", name, check=False)
 
 
-def wait_until_ready(url: str, name: str, started: float) -> float:
-    while time.monotonic() - started < READY_TIMEOUT_S:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        if docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() != "true":
-            break
-        time.sleep(0.5)
-    logs = docker("logs", name, check=False)
-    raise SystemExit(f"the container did not get ready:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+def wait_for_container(url: str, name: str, started: float) -> float:
+    """Seconds from `started` (before `docker run`) until /readyz answers 200."""
+    def running() -> bool:
+        return docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
+
+    try:
+        wait_until_ready(f"{url}/readyz", running, READY_TIMEOUT_S - (time.monotonic() - started),
+                         interval_s=0.5)
+    except NotReadyError as exc:
+        logs = docker("logs", name, check=False)
+        raise SystemExit(f"the container did not get ready ({exc}):\n"
+                         f"{logs.stdout[-3000:]}{logs.stderr[-3000:]}") from None
+    return time.monotonic() - started
 
 
 def check(condition: bool, what: str) -> None:

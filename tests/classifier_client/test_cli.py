@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import ROOT, python
 
+pytestmark = pytest.mark.e2e
+
 EXAMPLES = ROOT / "examples"
 
 

@@ -26,6 +26,7 @@ def test_cpu_is_always_the_fallback() -> None:
         "CPUExecutionProvider"]
 
 
+@pytest.mark.e2e  # the model trained by the real CLI
 @pytest.mark.parametrize("batch", [1, 3, 64])
 def test_stored_graph_runs_any_batch_size(model_dir: Path, batch: int) -> None:
     card = ModelCard.read(model_dir)

@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw
 from serving.contract import ModelCard
 from tests.helpers import ROOT, python, saved_tag, start_server, write_config
 
+pytestmark = pytest.mark.e2e  # every test here runs the training CLI or a server
+
 CLASSES = ("circle", "square", "triangle")
 
 
@@ -65,10 +67,10 @@ def test_the_card_has_the_folder_labels_and_per_class_accuracy(shapes_model) -> 
     assert card.accuracy["holdout"] >= 0.85, card.accuracy
     assert card.input.color_mode == "L" and card.input.polarity == "natural"
     assert card.input.mean[0] > 0.4, "mean measured on the images (light backgrounds)"
-    assert card.lineage["dataset"] == "image folder"
-    assert card.lineage["data_dir"] == str(root.resolve())
-    assert card.lineage["skipped_files"] == ["circle/notes.txt"]
-    assert card.lineage["train_samples"] + card.lineage["holdout_samples"] == 180
+    assert card.lineage.dataset == "image folder"
+    assert card.lineage.data_dir == str(root.resolve())
+    assert card.lineage.skipped_files == ["circle/notes.txt"]
+    assert card.lineage.train_samples + card.lineage.holdout_samples == 180
 
 
 def test_the_default_name_is_refused_for_a_folder(tmp_path) -> None:

@@ -19,6 +19,8 @@ import yaml
 
 from tests.helpers import ROOT, python, start_server
 
+pytestmark = pytest.mark.e2e  # every test here runs the training CLI or a server
+
 MODEL_CODE = '''
 import torch
 from torch import nn
@@ -173,7 +175,9 @@ torch.onnx.export(model, (torch.randn(2, 3, 40, 48),), out, input_names=["input"
 spec = InputSpec(height=40, width=48, channels=3, color_mode="RGB", mean=(0.5, 0.4, 0.3),
                  std=(0.2, 0.25, 0.3))
 pixels = decode_image(open(sys.argv[3], "rb").read(), spec)
-x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+mean = torch.tensor(spec.mean)[:, None, None]
+std = torch.tensor(spec.std)[:, None, None]
+x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - mean) / std
 with torch.no_grad():
     print(json.dumps(torch.softmax(model(x[None]), dim=1)[0].tolist()))
 '''
@@ -201,7 +205,8 @@ def test_an_onnx_file_from_elsewhere_serves_what_torch_computes(tmp_path) -> Non
     assert report["scores_were"] == "logits" and report["parity"]["onnxruntime_max_abs_diff"] < 1e-4
     info, answer = serve_and_classify(report["tag"], tmp_path)
     # Size and colour mode came from the graph; normalization from the options.
-    assert (info["input"]["height"], info["input"]["width"], info["input"]["channels"]) == (40, 48, 3)
+    shape = (info["input"]["height"], info["input"]["width"], info["input"]["channels"])
+    assert shape == (40, 48, 3)
     assert info["lineage"]["source"] == "onnx" and info["lineage"]["original_input"] == "input"
     served = {s["class_id"]: s["probability"] for s in answer["top_k"]}
     for class_id, probability in served.items():
@@ -228,3 +233,29 @@ def test_an_onnx_file_with_a_fixed_batch_says_how_to_export_it(tmp_path) -> None
 def test_labels_that_do_not_match_the_outputs_are_refused(tmp_path) -> None:
     result = import_exported_onnx(tmp_path, "dynamic", "yes\nno\n")
     assert result.returncode != 0 and "one score per label" in result.stderr, result.stderr
+
+
+def test_import_onnx_holds_the_parity_tolerance_it_is_given(tmp_path) -> None:
+    """--parity-tolerance was once parsed and ignored: a constant 1e-4 was checked and recorded."""
+    import bentoml
+
+    from serving.contract import ModelCard
+
+    model = tmp_path / "classifier.onnx"
+    export_onnx_classifier(model, "dynamic")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("north\neast\nsouth\nwest\n")
+
+    def import_with(tolerance: str):
+        return python("-m", "train_export", "import-onnx", "--model", str(model), "--labels",
+                      str(labels), "--name", "onnx-tolerance", "--parity-tolerance", tolerance)
+
+    result = import_with("1e-3")
+    assert result.returncode == 0, result.stderr
+    tag = json.loads(result.stdout.strip().splitlines()[-1])["tag"]
+    parity = ModelCard.read(Path(bentoml.models.get(tag).path)).parity
+    assert parity.tolerance == 1e-3 and 0 < parity.onnxruntime_max_abs_diff < 1e-3, parity
+    # float32 rounding alone puts the wrapped graph further than this from the original
+    result = import_with("1e-12")
+    assert result.returncode != 0 and "> 1e-12" in result.stderr, result.stderr
+    assert "--parity-tolerance" in result.stderr, "the refusal names the option"

@@ -14,6 +14,8 @@ import pytest
 from serving.contract import ModelCard
 from tests.helpers import ROOT, python, start_server, write_config
 
+pytestmark = pytest.mark.e2e  # every test here runs the training CLI or a server
+
 
 @pytest.fixture(scope="module")
 def variants(trained_model: str) -> dict[str, dict]:
@@ -29,14 +31,18 @@ def test_a_variant_keeps_the_accuracy_and_says_so_in_its_card(variants, trained_
     report = variants[precision]
     assert report["tag"].startswith(f"digits-classifier-{precision}:")
     card = ModelCard.read(Path(bentoml.models.get(report["tag"]).path))
-    figures = card.lineage["vs_fp32"]
-    assert card.lineage["precision"] == precision
-    assert card.lineage["derived_from"] == trained_model
-    assert figures["holdout_images"] == 360
-    assert abs(figures["accuracy_delta"]) <= 0.02, figures
-    assert figures["top1_agreement"] >= 0.97, figures
-    assert figures["max_abs_diff"] > 0, "a different graph, not a copy of the fp32 one"
-    assert card.accuracy["holdout"] == figures["accuracy"]
+    figures = card.lineage.vs_fp32
+    assert card.lineage.precision == precision
+    assert card.lineage.derived_from == trained_model
+    assert figures.holdout_images == 360
+    assert abs(figures.accuracy_delta) <= 0.02, figures
+    assert figures.top1_agreement >= 0.97, figures
+    assert figures.max_abs_diff > 0, "a different graph, not a copy of the fp32 one"
+    assert card.accuracy["holdout"] == figures.accuracy
+    assert (figures.calibration_images is not None) == (precision == "int8")
+    assert report == {"tag": report["tag"], "precision": precision,
+                      **figures.model_dump(), "seconds": report["seconds"]}, \
+        "the printed figures are the card's"
     assert set(card.class_accuracy) == set(card.labels)
 
 

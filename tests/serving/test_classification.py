@@ -1,10 +1,11 @@
-"""to_predictions: top-k ordering, ties, k larger than the number of classes, input order."""
+"""Classification post-processing (to_predictions): top-k ordering, ties, k larger than the
+number of classes, input order."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from serving.postprocess import to_predictions, top_k_indices
+from serving.classification import to_predictions, top_k_indices
 
 LABELS = ["cat", "dog", "fox", "owl"]
 

@@ -1,0 +1,157 @@
+"""What one service serves, read from the model store once at start: the variants that answer (with
+their weights and router), the shadow, and what each of them needs to run.
+
+Everything here is built once per process from the settings; the serving modules take it as an
+argument, so none of them reads service.py's globals.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import NotFound
+
+from . import metrics
+from .contract import ONNX_FILE, ModelCard
+from .drift import DriftMonitor
+from .predictor import Predictor, Task
+from .routing import Router
+from .runtime import OnnxRuntime
+from .settings import ConfigurationError, ServiceSettings, VariantSettings
+from .shadow import Shadow
+
+logger = logging.getLogger("bentoml.image_classifier")
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """A model as the store holds it: its exact tag (never `latest`), card and directory."""
+
+    tag: str
+    card: ModelCard
+    path: Path
+
+
+def packed_models(settings: ServiceSettings) -> dict[str, bentoml.models.BentoModel]:
+    """Every model the configuration names, by tag. Set as class attributes of the service, they
+    are what `bentoml build` packs: a container then holds its variants, shadow and rollback
+    targets."""
+    return {tag: bentoml.models.BentoModel(tag) for tag in settings.packed_tags()}
+
+
+def read_store_entry(model: bentoml.models.BentoModel, settings: ServiceSettings
+                     ) -> StoreEntry:
+    """The stored model behind a tag, its card checked against its files (a damaged entry stops
+    startup here, with the fix)."""
+    stored = model.stored
+    if stored is None:
+        where = settings.where
+        raise NotFound(
+            f"model {model.tag!s} is not in the BentoML model store: train and export it with "
+            f"{where.how_to_train}, or set {where.key('model.tag')} (or rollout.variants, or "
+            f"${where.model_tag_env}) to a tag that `bentoml models list` shows."
+        )
+    card = ModelCard.read(Path(stored.path))
+    card.verify(Path(stored.path), str(stored.tag))
+    return StoreEntry(str(stored.tag), card, Path(stored.path))
+
+
+def check_interchangeable(entries: list[StoreEntry]) -> None:
+    """Variants and the shadow answer the same API, so they must agree on labels and input."""
+    first = entries[0]
+    for other in entries[1:]:
+        for field, what in (("labels", "labels"), ("input", "input spec")):
+            if getattr(other.card, field) != getattr(first.card, field):
+                raise ConfigurationError(
+                    f"models {first.tag} and {other.tag} differ in their {what}: variants and "
+                    "the shadow must be interchangeable. Serve models with different "
+                    "labels or input sizes as separate deployments."
+                )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    settings: ServiceSettings
+    variants: list[VariantSettings]
+    served: list[StoreEntry]  # in the order of `variants`
+    shadow: StoreEntry | None
+    router: Router
+
+    @classmethod
+    def read(cls, settings: ServiceSettings, models: dict[str, bentoml.models.BentoModel]
+             ) -> Deployment:
+        variants = settings.served_variants()
+        served = [read_store_entry(models[v.tag], settings) for v in variants]
+        shadow_settings = settings.rollout.shadow
+        shadow = (read_store_entry(models[shadow_settings.tag], settings)
+                  if shadow_settings is not None else None)
+        check_interchangeable(served + ([shadow] if shadow else []))
+        router = Router([v.weight for v in variants], settings.rollout.sticky_headers)
+        return cls(settings, variants, served, shadow, router)
+
+    @property
+    def card(self) -> ModelCard:
+        """Labels and input spec: the same for every variant (check_interchangeable)."""
+        return self.served[0].card
+
+    def start(self, task: Task) -> Predictor:
+        """In a worker: every served model's runtime and drift monitor, and the shadow, loaded
+        once; the predictor that answers with them."""
+        runtimes = [self.load_runtime(entry, task) for entry in self.served]
+        predictor = Predictor(task, self.card.graph, runtimes, [e.tag for e in self.served],
+                              [self.drift_monitor(e) for e in self.served], self.load_shadow(task))
+        self.announce(runtimes)
+        return predictor
+
+    def load_runtime(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None
+                     ) -> OnnxRuntime:
+        model = self.settings.model
+        return OnnxRuntime(
+            entry.path / ONNX_FILE,
+            entry.card.input,
+            entry.card.graph,
+            providers=model.providers,
+            intra_op_threads=model.intra_op_threads if intra_op_threads is None
+            else intra_op_threads,
+            output_names=task.output_names(entry.card.graph),
+        )
+
+    def load_shadow(self, task: Task) -> Shadow | None:
+        rollout = self.settings.rollout.shadow
+        if self.shadow is None or rollout is None:
+            return None
+        graph = self.shadow.card.graph
+        # One thread: the shadow's session runs on its own (low-priority) thread only.
+        runtime = self.load_runtime(self.shadow, task, intra_op_threads=1)
+        return Shadow(runtime, self.shadow.tag, rollout.fraction, rollout.queue_batches,
+                      lambda outputs, served, contexts:
+                      task.agreement(outputs, graph, served, contexts))
+
+    def drift_monitor(self, entry: StoreEntry) -> DriftMonitor | None:
+        """A monitor for a model exported with reference features (imports without data have
+        none)."""
+        reference = entry.card.drift_reference
+        drift = self.settings.drift
+        if not drift.enabled or reference is None:
+            return None
+        features = np.load(entry.path / reference.file)
+        if len(features) > drift.reference_size:  # a fixed subsample: the same in every worker
+            features = features[np.random.default_rng(0).permutation(len(features))
+                                [:drift.reference_size]]
+        return DriftMonitor(entry.tag, features, drift.window_size, drift.min_samples,
+                            drift.interval_s, drift.permutations, drift.p_value_threshold)
+
+    def announce(self, runtimes: list[OnnxRuntime]) -> None:
+        """`model_info` series and one log line per model, once the runtimes are loaded."""
+        for variant, entry, runtime in zip(self.variants, self.served, runtimes):
+            metrics.model_info().labels(entry.tag, "variant", f"{variant.weight:g}").set(1)
+            logger.info("Serving %s (weight %g) on %s", entry.tag, variant.weight,
+                        runtime.active_provider)
+        if self.shadow is not None and self.settings.rollout.shadow is not None:
+            metrics.model_info().labels(self.shadow.tag, "shadow", "0").set(1)
+            logger.info("Shadowing with %s on %.0f%% of images", self.shadow.tag,
+                        100 * self.settings.rollout.shadow.fraction)

@@ -1,0 +1,185 @@
+"""Upload -> Item: the input types of a service's endpoints, and what each endpoint takes.
+
+BentoML validates a request's fields with pydantic while it parses the request; the validators
+here run then, so that a bad image fails only its own request (a 4xx with our error code), and
+decoding runs while the request is parsed, beside the batch that is running, not behind it. Each
+image is routed to its variant here too, once per request.
+
+Every endpoint's input type carries a `HowToSend` text; `how_to_send(api)` reads it (or derives
+it from the API's JSON fields), so the refusals for a wrong Content-Type or a missing field always
+say what to send, and a new endpoint cannot forget to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from PIL import Image
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from . import metrics
+from .deployment import Deployment
+from .errors import RejectedInput, as_validation_error
+from .predictor import Item, JobFile, Task
+from .preprocess import InvalidTensor, open_image, tensor_shapes, validate_tensor
+from .uploads import NOT_A_FILE, NotAFile, TooManyImages
+
+# BentoML's contextvar for the request being parsed (the same for every service in a process).
+_CONTEXT = bentoml.Context()
+
+
+@dataclass(frozen=True)
+class HowToSend:
+    """What an endpoint's input takes, in words and an example: put it in the input's Annotated
+    metadata; error messages quote it."""
+
+    text: str
+
+
+MULTIPART_IMAGES = HowToSend("a multipart form with one file part `images` per image "
+                             "(curl -F images=@a.png -F images=@b.jpg)")
+
+
+def how_to_send(api: Any) -> str:
+    """What a BentoML API (an APIMethod) takes: its inputs' HowToSend texts, else its JSON
+    fields by name."""
+    fields = api.input_spec.model_fields
+    texts = [m.text for f in fields.values() for m in f.metadata if isinstance(m, HowToSend)]
+    if texts:
+        return "; ".join(texts)
+    if not fields:
+        return "an empty JSON object {}"
+    return "a JSON object with " + ", ".join(
+        f"`{name}`" + ("" if field.is_required() else " (optional)")
+        for name, field in fields.items())
+
+
+def check_image_count(count: int, limit: int, per: str = "request") -> None:
+    if count > limit:
+        raise TooManyImages(f"{count} images in one {per}, over the limit of {limit} "
+                            f"(limits.max_images_per_{per}): send them in several {per}s")
+
+
+def current_request() -> Request | None:
+    try:
+        return _CONTEXT.request
+    except LookupError:  # called outside an HTTP request (a local call)
+        return None
+
+
+class Inputs:
+    """The input types of one service's endpoints, bound to its deployment and task.
+
+    The types are declared as `Image.Image` (files) and `np.ndarray` (tensors), which is what
+    BentoML's OpenAPI schema and clients understand: a file part, a JSON array. The validators
+    replace the value with our own objects (Item, JobFile) before the API method sees it.
+    """
+
+    def __init__(self, deployment: Deployment, task: Task,
+                 request_options: Callable[[Request | None], Any] = lambda request: None,
+                 ) -> None:
+        self.deployment = deployment
+        self.task = task
+        self.spec = deployment.card.input
+        self.limits = deployment.settings.limits
+        # Per-request options (a detector's thresholds), from the request being parsed.
+        self.request_options = request_options
+        shapes = tensor_shapes(self.spec)
+
+        image = Annotated[Image.Image, WrapValidator(self._decode_upload)]
+        self.image_uploads: Any = Annotated[
+            list[image], WrapValidator(self._count_images), MULTIPART_IMAGES]
+        job_file = Annotated[Image.Image, WrapValidator(self._keep_upload)]
+        self.job_uploads: Any = Annotated[list[job_file], MULTIPART_IMAGES]
+        one_channel = self.spec.channels == 1
+        self.pixel_tensor: Any = Annotated[
+            np.ndarray,
+            WrapValidator(self._validate_tensor),
+            HowToSend(f'JSON {{"pixels": [...]}} of shape {shapes}'),
+            Field(
+                description=f"uint8 pixels, shape {shapes}",
+                examples=[np.zeros((1, self.spec.height, self.spec.width), dtype=int).tolist()]
+                if one_channel else None,
+            ),
+        ]
+
+    def route(self) -> int:
+        """The variant of the request being parsed; chosen and counted once per request."""
+        request = current_request()
+        router = self.deployment.router
+        if request is None:
+            return router.choose(None)
+        index, chosen_now = router.for_request(request)
+        if chosen_now:
+            metrics.routed_requests().labels(self.deployment.served[index].tag).inc()
+        return index
+
+    def _decode_upload(self, upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler
+                       ) -> Item:
+        received_at = time.perf_counter()
+        # Not BentoML's decoder: it trusts the part's Content-Type (a JPEG sent as image/png
+        # fails) and takes strings as well as files. Images are identified by their bytes here.
+        if not isinstance(upload, UploadFile):
+            raise as_validation_error(NotAFile(NOT_A_FILE))
+        if upload.size is not None:
+            metrics.upload_bytes().observe(upload.size)
+        try:
+            image = open_image(upload.file)  # the header only: size known before decoding
+            metrics.image_pixels().observe(image.width * image.height)
+            options = self.request_options(current_request())
+            pixels, context = self.task.decode(image, self.spec, self.limits.max_image_pixels,
+                                               options)
+        except RejectedInput as exc:
+            raise as_validation_error(exc) from None
+        return Item(pixels, received_at, self.route(), context)
+
+    def _count_images(self, uploads: Any, validate_each: ValidatorFunctionWrapHandler
+                      ) -> list[Item]:
+        """Before any image is decoded: refuse a request with more than the limit."""
+        try:
+            check_image_count(len(uploads) if isinstance(uploads, list) else 1,
+                              self.limits.max_images_per_request)
+            self.request_options(current_request())  # invalid options: refused before decoding
+        except RejectedInput as exc:
+            raise as_validation_error(exc) from None
+        items: list[Item] = validate_each(uploads)
+        return items
+
+    def _keep_upload(self, upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler
+                     ) -> JobFile:
+        if not isinstance(upload, UploadFile):
+            raise as_validation_error(NotAFile(NOT_A_FILE))
+        try:
+            options = self.request_options(current_request())
+        except RejectedInput as exc:
+            raise as_validation_error(exc) from None
+        return JobFile(upload.filename or "", upload.file.read(), self.route(), options)
+
+    def _validate_tensor(self, array: Any, parse_array: ValidatorFunctionWrapHandler
+                         ) -> list[Item]:
+        received_at = time.perf_counter()
+        try:
+            rows = validate_tensor(self._as_array(array, parse_array), self.spec)
+            # After the shape check, which says what N is.
+            check_image_count(len(rows), self.limits.max_images_per_request)
+            context = self.task.tensor_context(self.spec,
+                                               self.request_options(current_request()))
+        except RejectedInput as exc:
+            raise as_validation_error(exc) from None
+        variant = self.route()
+        return [Item(image, received_at, variant, context) for image in rows]
+
+    def _as_array(self, value: Any, parse_array: ValidatorFunctionWrapHandler) -> np.ndarray:
+        try:
+            array: np.ndarray = parse_array(value)  # BentoML's JSON lists -> ndarray
+        except ValidationError:  # ragged lists, mixed types
+            raise InvalidTensor("pixels must be a rectangular array of numbers 0-255 of shape "
+                                f"{tensor_shapes(self.spec)}") from None
+        return array

@@ -1,0 +1,245 @@
+"""serving.admission: the Admission middleware called with raw ASGI messages, in front of a fake
+app. Each refusal has its status, `{"error", "detail"}` body and headers, and never reaches the
+app; the app's own error answers are reshaped into the same body."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import prometheus_client
+import pytest
+
+from serving.admission import Admission, Route
+from serving.asgi import Receive, Scope, Send
+from serving.settings import LimitsSettings
+from tests.helpers import AsgiAnswer, call_asgi, http_scope, run_asgi
+
+API_KEY = "unit-test-key-" + "k" * 20
+MULTIPART = "multipart/form-data; boundary=x"
+ROUTES = {
+    "/classify": Route("multipart/form-data", "image files in the `images` field"),
+    "/classify_tensor": Route("application/json", '{"pixels": [...]}'),
+    "/classify_batch/submit": Route("multipart/form-data", "image files", timed=False),
+}
+PUBLIC_PATHS = ["/livez", "/metrics", "/", "/static_content/"]
+# BentoML 1.4.39's 400 for a pydantic ValidationError (app.py, api_endpoint_wrapper).
+BENTOML_VALIDATION = {"error": "1 validation error for Input", "detail": [
+    {"type": "missing", "loc": ["images"], "msg": "Field required"}]}
+
+
+@dataclass
+class FakeApp:
+    """What sits behind Admission (BentoML's app): records each request it gets, reads the body
+    when told to, waits for `release` when given one, then answers `status` with `body`."""
+
+    status: int = 200
+    body: bytes = b'[{"label": "7"}]'
+    read_body: bool = False
+    release: asyncio.Event | None = None
+    scopes: list[Scope] = field(default_factory=list)
+    received: bytearray = field(default_factory=bytearray)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scopes.append(scope)
+        if self.read_body:
+            while (message := await receive())["type"] == "http.request":
+                self.received += message.get("body", b"")
+                if not message.get("more_body", False):
+                    break
+            else:  # the client went away (as Admission tells it at the size limit)
+                await respond(send, 400, b'{"error": "client disconnected"}')
+                return
+        if self.release is not None:
+            await self.release.wait()
+        await respond(send, self.status, self.body)
+
+
+async def respond(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def upload_headers(length: int = 100, key: str | None = API_KEY) -> dict[str, str]:
+    headers = {"content-type": MULTIPART, "content-length": str(length)}
+    return {**headers, "authorization": f"Bearer {key}"} if key else headers
+
+
+def admission(inner: FakeApp, api_key: str | None = API_KEY, **limits: Any) -> Admission:
+    return Admission(inner, routes=ROUTES, limits=LimitsSettings(**limits),
+                     public_paths=PUBLIC_PATHS, api_key=api_key)
+
+
+def rejected(reason: str, status: int) -> float:
+    value = prometheus_client.REGISTRY.get_sample_value(
+        "image_classifier_rejected_requests_total", {"reason": reason, "status": str(status)})
+    return value or 0.0
+
+
+# --- API key --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-" + "w" * 20, API_KEY,
+                                           f"Basic {API_KEY}"],
+                         ids=["none", "wrong", "no-scheme", "basic-scheme"])
+def test_a_request_without_the_api_key_gets_401(authorization: str | None) -> None:
+    inner = FakeApp()
+    headers = {"content-type": MULTIPART, "content-length": "100"}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    answer = run_asgi(admission(inner), http_scope(headers=headers))
+    assert answer.status == 401, answer
+    assert answer.json()["error"] == "unauthorized", answer.json()
+    assert "Authorization: Bearer" in answer.json()["detail"], "the detail says how to send it"
+    assert answer.headers["www-authenticate"] == "Bearer"
+    assert inner.scopes == [], "a refused request reached the app"
+
+
+def test_the_right_api_key_is_let_through() -> None:
+    inner = FakeApp()
+    answer = run_asgi(admission(inner), http_scope(headers=upload_headers()))
+    assert answer.status == 200 and len(inner.scopes) == 1, answer
+
+
+@pytest.mark.parametrize("path", ["/livez", "/metrics", "/", "/static_content/index.css"])
+def test_public_paths_need_no_key(path: str) -> None:
+    inner = FakeApp()
+    answer = run_asgi(admission(inner), http_scope(path, method="GET"))
+    assert answer.status == 200 and len(inner.scopes) == 1, f"{path} was refused: {answer}"
+
+
+def test_a_cors_preflight_needs_no_key() -> None:
+    inner = FakeApp()
+    answer = run_asgi(admission(inner), http_scope(method="OPTIONS"))
+    assert answer.status == 200 and len(inner.scopes) == 1, answer
+
+
+def test_without_a_configured_key_every_path_is_open() -> None:
+    inner = FakeApp()
+    app = admission(inner, api_key=None)
+    answer = run_asgi(app, http_scope(headers=upload_headers(key=None)))
+    assert answer.status == 200, answer
+
+
+# --- headers: Content-Type and Content-Length -------------------------------------------------
+
+def test_a_wrong_content_type_gets_415_that_says_what_to_send() -> None:
+    inner = FakeApp()
+    headers = {**upload_headers(), "content-type": "text/plain"}
+    answer = run_asgi(admission(inner), http_scope("/classify_tensor", headers=headers))
+    assert answer.status == 415, answer
+    assert answer.json()["error"] == "unsupported_media_type"
+    detail = answer.json()["detail"]
+    assert "application/json" in detail and ROUTES["/classify_tensor"].how_to_send in detail, detail
+    assert inner.scopes == [], "a refused request reached the app"
+
+
+def test_a_declared_length_over_the_limit_gets_413_before_the_body_is_read() -> None:
+    inner = FakeApp(read_body=True)
+    app = admission(inner, max_request_bytes=1000)
+    answer = run_asgi(app, http_scope(headers=upload_headers(length=5000)))
+    assert answer.status == 413, answer
+    assert answer.json()["error"] == "request_too_large"
+    assert "1000" in answer.json()["detail"], "the detail names the limit"
+    assert inner.scopes == [], "a refused request reached the app"
+
+
+def test_a_streamed_body_over_the_limit_gets_413_and_is_not_read_to_the_end() -> None:
+    inner = FakeApp(read_body=True)
+    app = admission(inner, max_request_bytes=1000)
+    headers = {**upload_headers(), "transfer-encoding": "chunked"}
+    del headers["content-length"]
+    answer = run_asgi(app, http_scope(headers=headers), chunks=(b"x" * 400,) * 5)
+    assert answer.status == 413, answer
+    assert answer.json()["error"] == "request_too_large"
+    assert len(inner.received) <= 1000, f"the app was given {len(inner.received)} bytes"
+
+
+# --- requests in flight and the timeout -------------------------------------------------------
+
+def test_requests_over_max_concurrency_get_429_with_retry_after() -> None:
+    async def scenario() -> tuple[AsgiAnswer, list[AsgiAnswer]]:
+        release = asyncio.Event()
+        inner = FakeApp(release=release)
+        app = admission(inner, max_concurrency=2, retry_after_s=7)
+        held = [asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+                for _ in range(2)]
+        while len(inner.scopes) < 2:  # both are inside the app, waiting for `release`
+            await asyncio.sleep(0)
+        refused = await call_asgi(app, http_scope(headers=upload_headers()))
+        release.set()
+        return refused, list(await asyncio.gather(*held))
+
+    refused, held = asyncio.run(scenario())
+    assert refused.status == 429, refused
+    assert refused.json()["error"] == "too_many_requests"
+    assert refused.headers["retry-after"] == "7", "Retry-After is limits.retry_after_s"
+    assert [a.status for a in held] == [200, 200], "the requests in flight are still answered"
+
+
+def test_a_request_not_answered_within_the_timeout_gets_504() -> None:
+    inner = FakeApp(release=asyncio.Event())  # never released
+    app = admission(inner, request_timeout_s=0.05)
+    answer = run_asgi(app, http_scope(headers=upload_headers()))
+    assert answer.status == 504, answer
+    assert answer.json()["error"] == "timeout"
+    assert "request_timeout_s" in answer.json()["detail"], "the detail names the setting"
+
+
+def test_a_job_submit_route_is_not_cut_at_the_request_timeout() -> None:
+    async def scenario() -> AsgiAnswer:
+        release = asyncio.Event()
+        app = admission(FakeApp(release=release), request_timeout_s=0.05)
+        submitted = asyncio.create_task(
+            call_asgi(app, http_scope("/classify_batch/submit", headers=upload_headers())))
+        await asyncio.sleep(0.2)  # past the request timeout
+        release.set()
+        return await submitted
+
+    assert asyncio.run(scenario()).status == 200
+
+
+# --- the app's own error answers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("error, code, status", [
+    ({"type": "missing", "loc": ["images"], "msg": "Field required"}, "missing_input", 422),
+    ({"type": "image_too_large", "loc": ["images", 0], "msg": "over the limit"},
+     "image_too_large", 413),
+], ids=["pydantic-missing", "our-code"])
+def test_bentomls_validation_400_becomes_our_error_body(error: dict, code: str,
+                                                        status: int) -> None:
+    body = json.dumps({**BENTOML_VALIDATION, "detail": [error]}).encode()
+    answer = run_asgi(admission(FakeApp(status=400, body=body)),
+                      http_scope(headers=upload_headers()))
+    assert answer.status == status, answer
+    assert set(answer.json()) == {"error", "detail"}, answer.json()
+    assert answer.json()["error"] == code, answer.json()
+
+
+def test_the_batchers_503_becomes_overloaded_with_retry_after() -> None:
+    inner = FakeApp(status=503, body=b'{"error": "process is overloaded"}')
+    answer = run_asgi(admission(inner), http_scope(headers=upload_headers()))
+    assert answer.status == 503, answer
+    assert answer.json()["error"] == "overloaded"
+    assert answer.headers["retry-after"] == "1"
+
+
+def test_a_server_error_stays_a_500() -> None:
+    inner = FakeApp(status=500, body=b"Internal Server Error")
+    answer = run_asgi(admission(inner), http_scope(headers=upload_headers()))
+    assert answer.status == 500, "a bug must not be hidden behind a client error"
+    assert answer.json() == {"error": "internal_server_error", "detail": "Internal Server Error"}
+
+
+def test_a_success_is_passed_on_untouched() -> None:
+    inner = FakeApp(body=b'[{"label": "3"}]')
+    answer = run_asgi(admission(inner), http_scope(headers=upload_headers()))
+    assert (answer.status, answer.body) == (200, b'[{"label": "3"}]')
+
+
+def test_every_refusal_is_counted_with_its_reason_and_status() -> None:
+    before = rejected("unauthorized", 401)
+    run_asgi(admission(FakeApp()), http_scope(headers=upload_headers(key=None)))
+    assert rejected("unauthorized", 401) == before + 1
