@@ -93,7 +93,8 @@ def png(value: int) -> bytes:
 def test_a_job_answers_every_file_in_order_with_refusals_in_place() -> None:
     runtime = FakeRuntime(winner=1)
     files = [JobFile("a.png", png(10), 0), JobFile("broken.png", b"not an image", 0),
-             JobFile("c.png", png(30), 0), JobFile("empty.png", b"", 0), JobFile("e.png", png(50), 0)]
+             JobFile("c.png", png(30), 0), JobFile("empty.png", b"", 0),
+             JobFile("e.png", png(50), 0)]
     results = predictor([runtime]).predict_files(files, SPEC, max_pixels=1000, batch_size=2)
     assert [getattr(r, "label", None) for r in results] == ["b", None, "b", None, "b"]
     assert [getattr(r, "code", None) for r in results] == [
