@@ -7,17 +7,20 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 3000
 MODEL ?= digits-classifier:latest
+DETECTOR ?= digits-detector:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv dev-venv model train serve test test-fast lint build container container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
+.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector test test-fast lint build container container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
+	@echo "make serve-detector  the same for the object detector (service:ObjectDetector)"
 	@echo "make test    create $(VENV) if needed and run the whole test suite"
 	@echo "make test-fast  the unit tests only: no model trained, no server (under a minute)"
 	@echo "make lint    ruff over the repository, mypy (strict on serving/)"
 	@echo "make train   train and export a new version of the default model"
+	@echo "make train-detector  train and export a new version of the default detector"
 	@echo "make build   bentoml build (the bento carries the model)"
 	@echo "make container        bentoml build + containerize -> image-classifier:latest"
 	@echo "make container-smoke  build, docker run, check it as a user would, clean up"
@@ -52,6 +55,17 @@ train: venv
 
 serve: model
 	$(BIN)/bentoml serve service:ImageClassifier --host $(HOST) --port $(PORT)
+
+# The object detector: the same, for `service:ObjectDetector` and $(DETECTOR).
+detector-model: venv
+	@$(BIN)/bentoml models get $(DETECTOR) >/dev/null 2>&1 \
+		|| { echo "No $(DETECTOR) in the model store; training it (about 3-5 min)."; $(BIN)/python -m train_export --task detection; }
+
+train-detector: venv
+	$(BIN)/python -m train_export --task detection
+
+serve-detector: detector-model
+	$(BIN)/bentoml serve service:ObjectDetector --host $(HOST) --port $(PORT)
 
 # The Swagger UI test drives Debian's Chromium (Playwright's own browser download needs internet);
 # the monitoring test runs Debian's Prometheus against a real server.

@@ -60,6 +60,11 @@ class Classification:
     """Top-k classification over a graph with `probabilities` and `features` outputs."""
 
     name = "classification"
+    options_model = None  # a classification request has no options
+
+    @staticmethod
+    def options(fields: Mapping[str, Any]) -> None:
+        return None
 
     def __init__(self, labels: Sequence[str], top_k: int) -> None:
         self.labels = list(labels)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
@@ -43,6 +43,11 @@ class InputSpec(BaseModel):
     # Recorded for reference only: the graph applies them itself.
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # How an upload becomes the input: stretched to it (a classifier), or letterboxed (a
+    # detector: resized keeping its aspect ratio, centered on a `fill`-coloured frame, so that
+    # boxes map back to the upload exactly).
+    fit: Literal["stretch", "letterbox"] = "stretch"
+    fill: tuple[int, ...] | None = None  # per channel, 0-255; letterbox only
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -50,10 +55,15 @@ class InputSpec(BaseModel):
 
 
 class GraphSpec(BaseModel):
+    """The graph's input and output names. A classifier answers `probabilities` (N, K); a
+    detector `boxes` (N, A, 4) and `scores` (N, A, K); both `features` (N, feature_dim)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_name: str = "pixels"
     probabilities_name: str = "probabilities"
+    boxes_name: str = "boxes"
+    scores_name: str = "scores"
     features_name: str = "features"
     feature_dim: int = Field(gt=0)
     opset: int | None = None
@@ -68,6 +78,45 @@ class Parity(BaseModel):
     tolerance: float
     onnxruntime_max_abs_diff: float | None = None
     torchscript_max_abs_diff: float | None = None
+
+
+class DetectionParity(BaseModel):
+    """Detections of the served graph against the source model's own, both after
+    post-processing at the same thresholds, on held-out images: the same detections (count and
+    class), boxes within `box_tolerance_px` and scores within `score_tolerance`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int  # images compared
+    detections: int  # detections the source model made on them
+    confidence_threshold: float
+    box_tolerance_px: float
+    score_tolerance: float
+    max_box_diff_px: float
+    max_score_diff: float
+    reference: str  # what the graph was compared with, e.g. "torch eager"
+
+
+class DetectionSpec(BaseModel):
+    """How a detector's dense outputs become detections (serving/detection.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    box_format: Literal["xyxy"] = "xyxy"  # x1, y1, x2, y2 in the input frame's pixels
+    # Every (location, class) above the threshold is a candidate (FCOS, CenterNet); or only each
+    # location's best class (DETR's post-processing).
+    multi_label: bool = True
+    # Per-class NMS in serving; False where the model's own post-processing has none (DETR).
+    nms: bool = True
+
+
+class ClassAP(BaseModel):
+    """A detector's COCO average precision for one class, on held-out images."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ap_50: float
+    ap_50_95: float
 
 
 class DriftReference(BaseModel):
@@ -159,24 +208,58 @@ class Training(BaseModel):
     train_seconds: float
 
 
+class DetectorTraining(BaseModel):
+    """The settings the default detector's training ran with (train_export.detection's
+    DetectorConfig: the headline ones typed, every one in `settings`) and its duration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: Literal["detection"] = "detection"
+    seed: int  # with heldout_fraction: which source digits were held out
+    input_size: int
+    train_scenes: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    heldout_fraction: float
+    heldout_scenes: int
+    train_seconds: float
+    settings: dict[str, Any]  # every DetectorConfig value, scene rules included
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     format_version: int = CARD_FORMAT_VERSION
     name: str
+    task: Literal["classification", "detection"] = "classification"
     architecture: str
-    labels: list[str] = Field(min_length=2)
+    labels: list[str] = Field(min_length=1)
     input: InputSpec
     graph: GraphSpec
-    parity: Parity | None = None
+    detection: DetectionSpec | None = None  # a detector's post-processing
+    parity: Parity | DetectionParity | None = None
+    # A classifier: {"holdout": accuracy}; a detector: COCO {"map_50": ..., "map_50_95": ...}.
     accuracy: dict[str, float] = Field(default_factory=dict)
     # label -> accuracy on that class's held-out images (where labelled data exists)
     class_accuracy: dict[str, float] = Field(default_factory=dict)
-    training: Training | None = None
+    # label -> a detector's average precision on held-out images
+    class_ap: dict[str, ClassAP] = Field(default_factory=dict)
+    # Our training's settings: the classifier's (TrainConfig) or the detector's (DetectorConfig).
+    training: Training | DetectorTraining | None = None
     drift_reference: DriftReference | None = None
     lineage: Lineage = Field(default_factory=Lineage)
     # file name -> sha256 of every artifact in the entry (the card itself excluded)
     files: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fits_its_task(self) -> ModelCard:
+        if self.task == "classification" and len(self.labels) < 2:
+            raise ValueError("a classifier needs at least 2 labels")
+        if self.task == "detection" and (self.detection is None or self.input.fit != "letterbox"):
+            raise ValueError("a detector's card needs `detection` (its post-processing) and a "
+                             "letterboxed input (input.fit: letterbox)")
+        return self
 
     @field_validator("training", mode="before")
     @classmethod

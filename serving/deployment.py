@@ -8,8 +8,10 @@ argument, so none of them reads service.py's globals.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -20,7 +22,8 @@ from .contract import ONNX_FILE, ModelCard
 from .drift import DriftMonitor
 from .predictor import Predictor, Task
 from .routing import Router
-from .runtime import OnnxRuntime
+from .runtime import OnnxRuntime, gpu_available
+from .schemas import DriftReport, DriftStatus, VariantInfo
 from .settings import ConfigurationError, ServiceSettings, VariantSettings
 from .shadow import Shadow
 
@@ -60,6 +63,16 @@ def read_store_entry(model: bentoml.models.BentoModel, settings: ServiceSettings
     return StoreEntry(str(stored.tag), card, Path(stored.path))
 
 
+def check_task(entry: StoreEntry, task: str, settings: ServiceSettings) -> None:
+    if entry.card.task != task:
+        where = settings.where
+        raise ConfigurationError(
+            f"model {entry.tag} is a {entry.card.task} model, and {where.service} serves "
+            f"{task}: set {where.key('model.tag')} to a {task} model, or serve this one with "
+            "the other service (`bentoml serve service:ImageClassifier` for classification, "
+            "`service:ObjectDetector` for detection).")
+
+
 def check_interchangeable(entries: list[StoreEntry]) -> None:
     """Variants and the shadow answer the same API, so they must agree on labels and input."""
     first = entries[0]
@@ -82,13 +95,17 @@ class Deployment:
     router: Router
 
     @classmethod
-    def read(cls, settings: ServiceSettings, models: dict[str, bentoml.models.BentoModel]
-             ) -> Deployment:
+    def read(cls, settings: ServiceSettings, models: dict[str, bentoml.models.BentoModel],
+             task: str) -> Deployment:
+        """The served models and the shadow, read from the store and checked: each is a model
+        of `task`, intact, and interchangeable with the others."""
         variants = settings.served_variants()
         served = [read_store_entry(models[v.tag], settings) for v in variants]
         shadow_settings = settings.rollout.shadow
         shadow = (read_store_entry(models[shadow_settings.tag], settings)
                   if shadow_settings is not None else None)
+        for entry in served + ([shadow] if shadow else []):
+            check_task(entry, task, settings)
         check_interchangeable(served + ([shadow] if shadow else []))
         router = Router([v.weight for v in variants], settings.rollout.sticky_headers)
         return cls(settings, variants, served, shadow, router)
@@ -144,6 +161,32 @@ class Deployment:
                                 [:drift.reference_size]]
         return DriftMonitor(entry.tag, features, drift.window_size, drift.min_samples,
                             drift.interval_s, drift.permutations, drift.p_value_threshold)
+
+    def describe(self, index: int, runtime: OnnxRuntime) -> dict[str, Any]:
+        """What /model_info says of every task's served model `index` (the task adds its own)."""
+        entry, batching = self.served[index], self.settings.batching
+        card = entry.card
+        return {
+            "tag": entry.tag, "task": card.task, "architecture": card.architecture,
+            "labels": card.labels, "input": card.input,
+            "active_provider": runtime.active_provider, "providers": runtime.providers,
+            "gpu_available": gpu_available(), "accuracy": card.accuracy, "lineage": card.lineage,
+            "variants": [VariantInfo(tag=e.tag, weight=v.weight)
+                         for v, e in zip(self.variants, self.served)],
+            "shadow": self.shadow.tag if self.shadow else None,
+            "max_batch_size": batching.max_batch_size, "max_latency_ms": batching.max_latency_ms,
+        }
+
+    def drift_report(self, monitors: Sequence[DriftMonitor | None], test_now: bool
+                     ) -> DriftReport:
+        """/drift: each served model's last test in this worker (or one run now)."""
+        states = [m.test_now() if test_now else m.state() for m in monitors if m is not None]
+        return DriftReport(
+            enabled=self.settings.drift.enabled,
+            models=[DriftStatus(**asdict(state)) for state in states],
+            without_reference=[e.tag for e, m in zip(self.served, monitors)
+                               if m is None and e.card.drift_reference is None],
+        )
 
     def announce(self, runtimes: list[OnnxRuntime]) -> None:
         """`model_info` series and one log line per model, once the runtimes are loaded."""

@@ -29,6 +29,8 @@ STATUS: dict[str, HTTPStatus] = {
     "invalid_tensor": HTTPStatus.UNPROCESSABLE_ENTITY,
     "not_a_file": HTTPStatus.UNPROCESSABLE_ENTITY,
     "missing_input": HTTPStatus.UNPROCESSABLE_ENTITY,
+    "unexpected_part": HTTPStatus.UNPROCESSABLE_ENTITY,
+    "invalid_option": HTTPStatus.UNPROCESSABLE_ENTITY,
     "invalid_input": HTTPStatus.UNPROCESSABLE_ENTITY,
     "too_many_requests": HTTPStatus.TOO_MANY_REQUESTS,
     "overloaded": HTTPStatus.SERVICE_UNAVAILABLE,

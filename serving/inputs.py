@@ -13,7 +13,6 @@ say what to send, and a new endpoint cannot forget to.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,16 +22,19 @@ from PIL import Image
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
+from starlette.responses import Response
 
 from . import metrics
 from .deployment import Deployment
-from .errors import RejectedInput, as_validation_error
+from .errors import STATUS, RejectedInput, as_validation_error, error_body
 from .predictor import Item, JobFile, Task
 from .preprocess import InvalidTensor, open_image, tensor_shapes, validate_tensor
-from .uploads import NOT_A_FILE, NotAFile, TooManyImages
+from .uploads import NOT_A_FILE, NotAFile, RequestOptions, TooManyImages, request_fields
 
 # BentoML's contextvar for the request being parsed (the same for every service in a process).
 _CONTEXT = bentoml.Context()
+# Where a request's parsed options are kept, so that every image of it uses the same object.
+_OPTIONS_KEY = "image_service_options"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,17 @@ def check_image_count(count: int, limit: int, per: str = "request") -> None:
                             f"(limits.max_images_per_{per}): send them in several {per}s")
 
 
+def refuse_a_job(count: int, limit: int) -> Response | None:
+    """A job over limits.max_images_per_job fails with our body; its status says so. (Checked in
+    the job, not while its request is parsed: the submit has answered by then.)"""
+    try:
+        check_image_count(count, limit, per="job")
+    except RejectedInput as exc:
+        return Response(error_body(exc.code, str(exc)), status_code=STATUS[exc.code],
+                        media_type="application/json")
+    return None
+
+
 def current_request() -> Request | None:
     try:
         return _CONTEXT.request
@@ -82,22 +95,20 @@ class Inputs:
     replace the value with our own objects (Item, JobFile) before the API method sees it.
     """
 
-    def __init__(self, deployment: Deployment, task: Task,
-                 request_options: Callable[[Request | None], Any] = lambda request: None,
-                 ) -> None:
+    def __init__(self, deployment: Deployment, task: Task) -> None:
         self.deployment = deployment
         self.task = task
         self.spec = deployment.card.input
         self.limits = deployment.settings.limits
-        # Per-request options (a detector's thresholds), from the request being parsed.
-        self.request_options = request_options
         shapes = tensor_shapes(self.spec)
+        # Per-request options the task takes (a detector's thresholds), beside every input.
+        options = [RequestOptions(task.options_model)] if task.options_model else []
 
         image = Annotated[Image.Image, WrapValidator(self._decode_upload)]
         self.image_uploads: Any = Annotated[
-            list[image], WrapValidator(self._count_images), MULTIPART_IMAGES]
+            list[image], WrapValidator(self._count_images), MULTIPART_IMAGES, *options]
         job_file = Annotated[Image.Image, WrapValidator(self._keep_upload)]
-        self.job_uploads: Any = Annotated[list[job_file], MULTIPART_IMAGES]
+        self.job_uploads: Any = Annotated[list[job_file], MULTIPART_IMAGES, *options]
         one_channel = self.spec.channels == 1
         self.pixel_tensor: Any = Annotated[
             np.ndarray,
@@ -108,7 +119,20 @@ class Inputs:
                 examples=[np.zeros((1, self.spec.height, self.spec.width), dtype=int).tolist()]
                 if one_channel else None,
             ),
+            *options,
         ]
+
+    def request_options(self, request: Request | None) -> Any:
+        """The task's options for the request being parsed, validated once per request (an
+        invalid value: RejectedInput, refused before any image is decoded)."""
+        if self.task.options_model is None:
+            return None
+        if request is None:
+            return self.task.options({})
+        state = request.scope.setdefault("state", {})
+        if _OPTIONS_KEY not in state:
+            state[_OPTIONS_KEY] = self.task.options(request_fields(request))
+        return state[_OPTIONS_KEY]
 
     def route(self) -> int:
         """The variant of the request being parsed; chosen and counted once per request."""

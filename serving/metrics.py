@@ -89,6 +89,44 @@ def confidence() -> Histogram:
 
 
 @functools.cache
+def detections() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "detections",
+        "Objects detected, by model and class.",
+        labelnames=["model", "label"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
+def detections_per_image() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "detections_per_image",
+        "Objects detected in each image (after thresholds, NMS and max_detections).",
+        labelnames=["model"],
+        namespace=NAMESPACE,
+        buckets=(0, 1, 2, 3, 5, 8, 13, 21, 50, 100, 300, 1000),
+    )
+
+
+@functools.cache
+def detection_score() -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "detection_score",
+        "Score of each detection answered.",
+        labelnames=["model"],
+        namespace=NAMESPACE,
+        buckets=CONFIDENCE_BUCKETS,
+    )
+
+
+@functools.cache
 def processing_seconds() -> Histogram:
     from prometheus_client import Histogram
 

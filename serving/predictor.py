@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import BaseModel
 
 from .contract import GraphSpec, InputSpec
 from .drift import DriftMonitor
@@ -57,6 +58,11 @@ class Task(Protocol):
     """What a task module supplies to the shared batch path."""
 
     name: str
+    # The per-request options the task takes (a detector's thresholds), or None.
+    options_model: type[BaseModel] | None
+
+    def options(self, fields: Mapping[str, Any]) -> Any:
+        """A request's option fields -> the task's options for it (RejectedInput if invalid)."""
 
     def output_names(self, graph: GraphSpec) -> list[str]:
         """The graph outputs the task reads (the features among them)."""

@@ -5,6 +5,9 @@
      "models": ["digits-classifier:nlq..."], "predictions": [{"label": "7",
      "confidence": 0.998, "model": "digits-classifier:nlq..."}, ...]}
 
+A detector's line has `detections` instead of `predictions`: per image, how many objects and of
+which labels (`[{"count": 3, "labels": ["1", "7"], "model": ...}]`).
+
 `outcome` is "ok" or the refusal's error code (`invalid_image`, `too_many_requests`, ...).
 `request_id` is the caller's X-Request-ID, or a new one; either way it is sent back in the
 X-Request-ID response header, so a client can quote it. Image bytes are never logged: the line is
@@ -94,11 +97,17 @@ def log_line(scope: Scope, request_id: str, status: int, body: bytes,
     if status >= 400 and isinstance(answer, dict) and "error" in answer:
         line["outcome"] = answer["error"]
     elif isinstance(answer, list) and answer and isinstance(answer[0], dict) \
-            and "confidence" in answer[0]:
+            and "model" in answer[0]:
         line["images"] = len(answer)
-        line["models"] = sorted({p.get("model") for p in answer})
-        line["predictions"] = [{"label": p.get("label"), "confidence": p.get("confidence"),
-                                "model": p.get("model")} for p in answer]
+        line["models"] = sorted({str(p.get("model")) for p in answer})
+        if "confidence" in answer[0]:  # a classifier's answers
+            line["predictions"] = [{"label": p.get("label"), "confidence": p.get("confidence"),
+                                    "model": p.get("model")} for p in answer]
+        elif "detections" in answer[0]:  # a detector's: how many objects of which classes
+            line["detections"] = [{"count": len(p.get("detections") or []),
+                                   "labels": sorted({d.get("label") for d in
+                                                     p.get("detections") or []}),
+                                   "model": p.get("model")} for p in answer]
     elif isinstance(answer, dict) and "task_id" in answer:
         line["task_id"] = answer["task_id"]
     return line

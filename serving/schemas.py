@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .contract import InputSpec, Lineage, Parity
+from .contract import ClassAP, DetectionParity, InputSpec, Lineage, Parity
 
 
 class ClassScore(BaseModel):
@@ -44,11 +44,56 @@ class Prediction(BaseModel):
     )
 
 
+class DetectedObject(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: list[float] = Field(
+        description="x1, y1, x2, y2 in the uploaded image's pixels (after its EXIF rotation); "
+        "x2 and y2 are the far edges, so the width is x2 - x1.",
+        min_length=4, max_length=4)
+
+
+class DetectionResult(BaseModel):
+    """The answer for one image: its detections, best first."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "example": {
+                "detections": [
+                    {"label": "7", "class_id": 7, "score": 0.97, "box": [41.5, 12.0, 78.3, 60.9]},
+                    {"label": "2", "class_id": 2, "score": 0.91, "box": [102.0, 30.5, 131.2, 70.0]},
+                ],
+                "width": 240, "height": 160,
+                "model": "digits-detector:4xq2l7bxvo6a2aav", "processing_ms": 8.4,
+            }
+        },
+    )
+
+    detections: list[DetectedObject] = Field(description="Sorted by score, best first.")
+    width: int = Field(description="Of the uploaded image, after its EXIF rotation.")
+    height: int
+    model: str = Field(description="Tag of the model that produced this answer.")
+    processing_ms: float = Field(
+        description="Server-side time from receiving the image to answering, in milliseconds."
+    )
+
+
 class JobItem(BaseModel):
     """One image of an asynchronous job: its prediction, or why it was refused."""
 
     file: str = Field(description="The uploaded file's name.")
     prediction: Prediction | None = None
+    error: str | None = Field(default=None, description="The refusal's code, e.g. invalid_image.")
+    detail: str | None = Field(default=None, description="What to fix.")
+
+
+class DetectionJobItem(BaseModel):
+    """One image of an asynchronous detection job: its detections, or why it was refused."""
+
+    file: str = Field(description="The uploaded file's name.")
+    result: DetectionResult | None = None
     error: str | None = Field(default=None, description="The refusal's code, e.g. invalid_image.")
     detail: str | None = Field(default=None, description="What to fix.")
 
@@ -82,24 +127,45 @@ class DriftReport(BaseModel):
         description="Served models exported without reference features (no drift test).")
 
 
-class ModelInfo(BaseModel):
+class ServedModelInfo(BaseModel):
     """The model that answers the caller (its routing key applies), and the others served."""
 
     model_config = ConfigDict(protected_namespaces=())
 
     tag: str
+    task: str
     architecture: str
     labels: list[str]
     input: InputSpec
     active_provider: str
     providers: list[str]
     gpu_available: bool
-    parity: Parity | None
     accuracy: dict[str, float]
-    class_accuracy: dict[str, float]
     lineage: Lineage
     variants: list[VariantInfo] = Field(description="Every model that answers, by weight.")
     shadow: str | None = Field(description="The model compared in the shadow, if any.")
     max_batch_size: int
     max_latency_ms: int
+
+
+class ModelInfo(ServedModelInfo):
+    """A classifier's /model_info."""
+
+    parity: Parity | None
+    class_accuracy: dict[str, float]
     top_k: int
+
+
+class DetectionDefaults(BaseModel):
+    confidence_threshold: float
+    iou_threshold: float
+    max_detections: int
+
+
+class DetectorInfo(ServedModelInfo):
+    """A detector's /model_info: COCO mAP in `accuracy` and per class in `class_ap`."""
+
+    parity: DetectionParity | None
+    class_ap: dict[str, ClassAP]
+    detection: DetectionDefaults = Field(
+        description="The thresholds a request gets unless it sends its own.")

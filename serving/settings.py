@@ -61,6 +61,14 @@ CLASSIFIER = ServiceSection(
     api_key_env="IMAGE_CLASSIFIER_API_KEY",
     how_to_train="`make train` (or `python -m train_export`)",
 )
+DETECTOR = ServiceSection(
+    service="ObjectDetector",
+    section="object_detector",
+    default_model="digits-detector:latest",
+    model_tag_env="OBJECT_DETECTOR_MODEL_TAG",
+    api_key_env="OBJECT_DETECTOR_API_KEY",
+    how_to_train="`make train-detector` (or `python -m train_export --task detection`)",
+)
 # Kept for callers that name the classifier's section directly.
 SECTION, SERVICE_NAME = CLASSIFIER.section, CLASSIFIER.service
 MODEL_TAG_ENV = CLASSIFIER.model_tag_env
@@ -325,6 +333,27 @@ class ClassifierSettings(ServiceSettings):
     """`services.ImageClassifier.image_classifier`."""
 
     response: ResponseSettings = ResponseSettings()
+
+
+class DetectionSettings(_Section):
+    """A detector's defaults; a request may override each (form fields on /detect, JSON keys on
+    /detect_tensor)."""
+
+    confidence_threshold: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Detections scoring at or below this are dropped.")
+    iou_threshold: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Per-class NMS: of two boxes of one class overlapping more than this, the "
+        "lower-scoring one is dropped.")
+    max_detections: int = Field(default=100, ge=1, le=1000,
+                                description="At most this many detections per image.")
+
+
+class DetectorSettings(ServiceSettings):
+    """`services.ObjectDetector.object_detector`."""
+
+    detection: DetectionSettings = DetectionSettings()
 
 
 Settings = ClassifierSettings  # the classifier's, under the name callers have always used

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 MODEL_NAME = "digits-classifier"
 # Fixtures that train the default model (about 40 s) or start a server. A test whose fixtures
 # include one of them, directly or through another fixture, must be marked e2e.
-E2E_FIXTURES = frozenset({"trained_model", "model_dir", "server"})
+E2E_FIXTURES = frozenset({"trained_model", "model_dir", "server", "trained_detector",
+                          "detector_server"})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -67,6 +68,30 @@ def trained_model(bentoml_home: Path, examples_dir: Path) -> str:
     result = python("-m", "train_export", "--examples-dir", str(examples_dir), timeout=600)
     assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
     return saved_tag(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def detector_examples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("detector-examples")
+
+
+@pytest.fixture(scope="session")
+def trained_detector(bentoml_home: Path, detector_examples_dir: Path) -> str:
+    """Train and export the default detector once, as a user does (about 3-5 minutes):
+    `python -m train_export --task detection`."""
+    result = python("-m", "train_export", "--task", "detection", "--examples-dir",
+                    str(detector_examples_dir), timeout=1200)
+    assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
+    return saved_tag(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def detector_server(trained_detector: str, tmp_path_factory: pytest.TempPathFactory,
+                    ) -> Iterator[RunningServer]:
+    """`bentoml serve service:ObjectDetector` from the project root, as `make serve-detector`."""
+    with start_server(["service:ObjectDetector"], cwd=ROOT,
+                      log_dir=tmp_path_factory.mktemp("detector-server")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,8 @@ def python(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float
 def saved_tag(training_output: str) -> str:
     """The tag `python -m train_export` prints on its last line:
     '... | saved name:version in 9s'."""
-    line = next(ln for ln in training_output.splitlines() if ln.startswith("held-out accuracy"))
+    line = next(ln for ln in training_output.splitlines()
+                if ln.startswith(("held-out accuracy", "held-out mAP")))
     return line.rsplit("saved ", 1)[1].split()[0]
 
 

@@ -1,4 +1,6 @@
 """`python -m train_export`: train the default digits classifier and save it to the model store.
+`python -m train_export --task detection`: the default digit detector instead
+(train_export/detection/pipeline.py).
 
 `python -m train_export import-pickle|import-torchvision|import-onnx ...`: store your own model
 instead (train_export/imports.py, onnx_import.py). `python -m train_export --data DIR`: train on
@@ -50,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             kind = type(getattr(defaults, field.name))
             parser.add_argument(flag, type=kind, default=getattr(defaults, field.name),
                                 help=_HELP[field.name])
+    parser.add_argument("--task", choices=["classification", "detection"],
+                        default="classification",
+                        help="detection: the default digit detector instead (its options: "
+                        "python -m train_export --task detection --help)")
     parser.add_argument("--output-name", dest="name", help="alias of --name")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="train without random shifts and rotations")
@@ -63,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         help="where sample images go; '' to write none")
     args = parser.parse_args(argv)
     values = vars(args)
+    values.pop("task")
     if not values.get("examples_dir") or str(values["examples_dir"]) in ("", "."):
         values["examples_dir"] = None
     if values["data_dir"] is not None and values["name"] == defaults.name:
@@ -81,6 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_import_args(argv[0], argv[1:])
         (import_onnx if args.command == "import-onnx" else import_model)(args)
         return
+    if _task(argv) == "detection":
+        from .detection.pipeline import parse_args as parse_detection_args
+        from .detection.pipeline import train_and_export_detector
+
+        config, name, examples_dir = parse_detection_args(argv)
+        train_and_export_detector(config, name, examples_dir)
+        return
     if argv[:1] == ["quantize"]:
         from .precision import parse_args as parse_quantize_args
         from .precision import quantize
@@ -90,6 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     from .pipeline import train_and_export  # torch is imported only once the arguments are good
 
     train_and_export(parse_args(argv))
+
+
+def _task(argv: list[str]) -> str:
+    """The value of --task (classification by default), wherever it is in the arguments."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "classification"
 
 
 if __name__ == "__main__":

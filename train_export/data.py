@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from serving.contract import InputSpec, ModelCard
+from serving.contract import InputSpec, ModelCard, Training
 
 from .config import TrainConfig
 
@@ -146,8 +146,9 @@ def split_from_card(card: ModelCard, folder: Path | None = None) -> Split | None
         The split, or None for a model whose card names no data (an import) and no `folder`.
     """
     defaults = TrainConfig()
-    seed = card.training.seed if card.training else defaults.seed
-    fraction = card.training.holdout_fraction if card.training else defaults.holdout_fraction
+    training = card.training if isinstance(card.training, Training) else None
+    seed = training.seed if training else defaults.seed
+    fraction = training.holdout_fraction if training else defaults.holdout_fraction
     if folder is None and card.lineage.data_dir is not None:
         folder = Path(card.lineage.data_dir)
     if folder is not None:

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard, sha256_of
+from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard, Parity, sha256_of
 
 from .classification import FEATURES_NAME, PROBABILITIES_NAME, ProbabilityParity
 from .graph import INPUT_NAME
@@ -209,7 +209,7 @@ def import_onnx(args: argparse.Namespace) -> str:
                    "--parity-tolerance; otherwise please report it with the model's opset"
                    ) from None
     parity = stored.card.parity
-    assert parity is not None  # export_and_store always measures it
+    assert isinstance(parity, Parity)  # export_and_store measured it, with ProbabilityParity
     print(json.dumps({"tag": stored.tag,
                       "parity": {"onnxruntime_max_abs_diff": parity.onnxruntime_max_abs_diff},
                       "scores_were": scores_were,

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard
+from serving.contract import GraphSpec, InputSpec, Lineage, ModelCard, Parity
 
 from .classification import FEATURES_NAME, export_classifier, serving_wrapper
 from .config import DEFAULT_ARCHITECTURE, TrainConfig
@@ -118,7 +118,7 @@ def train_and_export(config: TrainConfig) -> str:
         reference=ReferenceSample(split.train_x, config.seed, FEATURES_NAME),
     )
     parity = stored.card.parity
-    assert parity is not None  # export_and_store always measures it
+    assert isinstance(parity, Parity)  # export_and_store measured it, with ProbabilityParity
 
     if config.examples_dir is not None and config.data_dir is None:
         write_examples(split.holdout_x, split.holdout_y, split.labels, Path(config.examples_dir),

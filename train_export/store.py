@@ -21,7 +21,14 @@ from typing import Any, Protocol
 import bentoml
 import onnx
 
-from serving.contract import ONNX_FILE, DriftReference, ModelCard, Parity, sha256_of
+from serving.contract import (
+    ONNX_FILE,
+    DetectionParity,
+    DriftReference,
+    ModelCard,
+    Parity,
+    sha256_of,
+)
 
 from .graph import save_onnx
 
@@ -55,7 +62,7 @@ class ParityCheck(Protocol):
     probabilities (classification.ProbabilityParity); a detector compares its detections after
     post-processing."""
 
-    def __call__(self, exported: Exported) -> Parity: ...
+    def __call__(self, exported: Exported) -> Parity | DetectionParity: ...
 
 
 class ReferenceWriter(Protocol):

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from serving.uploads import FilesOnlyMultipartSerde, refuse_urls_in_file_fields
+from serving.uploads import FilesOnlyMultipartSerde, install_parsers
 from tests.helpers import http_scope
 
 BOUNDARY = "unit-test-boundary"
@@ -81,5 +81,5 @@ def test_a_body_that_is_not_multipart_is_refused_as_invalid_multipart() -> None:
 
 def test_the_parser_replaces_bentomls_for_multipart(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serde, "ALL_SERDE", dict(serde.ALL_SERDE))  # restored after the test
-    refuse_urls_in_file_fields()
+    install_parsers()
     assert serde.ALL_SERDE["multipart/form-data"] is FilesOnlyMultipartSerde

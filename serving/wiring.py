@@ -1,0 +1,51 @@
+"""What turns a service class into a served BentoML service, the same way for every task: the
+models it packs, the OpenAPI description, batching options, and the ASGI middlewares in one
+order (the request log outside admission, so that refusals are logged with their code)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bentoml
+
+from .admission import Admission, admission_routes, quiet_client_error_tracebacks
+from .inputs import how_to_send
+from .openapi import described_service
+from .request_log import RequestLog
+from .settings import ServiceSettings
+from .uploads import install_parsers
+
+
+def batching(settings: ServiceSettings) -> dict[str, Any]:
+    """`@bentoml.api` options of a batchable endpoint."""
+    return {"batchable": True, "max_batch_size": settings.batching.max_batch_size,
+            "max_latency_ms": settings.batching.max_latency_ms}
+
+
+def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str, Any],
+               models: dict[str, bentoml.models.BentoModel], description_file: str,
+               version: str) -> bentoml.Service[Any]:
+    """`cls` as a BentoML service with its models packed, its description and middlewares."""
+    # `bentoml build` packs the models named by the service's class attributes: one per tag.
+    for number, model in enumerate(models.values()):
+        setattr(cls, f"model_{number}", model)
+    service: bentoml.Service[Any] = bentoml.service(
+        service_class=described_service(description_file, version), **bentoml_config)(cls)
+    install_middlewares(service, settings)
+    return service
+
+
+def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings) -> None:
+    install_parsers()
+    quiet_client_error_tracebacks()
+    routes = admission_routes(service.apis, how_to_send)
+    if settings.request_log.enabled:  # added first: outside Admission
+        service.add_asgi_middleware(RequestLog, routes=routes)
+    service.add_asgi_middleware(
+        Admission,
+        routes=routes,
+        limits=settings.limits,
+        public_paths=settings.security.public_paths,
+        api_key=settings.api_key(),
+        limits_key=settings.where.key("limits"),
+    )
