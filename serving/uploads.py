@@ -50,6 +50,10 @@ class UnexpectedPart(RejectedInput):
     code = "unexpected_part"
 
 
+class MissingPart(RejectedInput):
+    code = "missing_input"
+
+
 # Where the parsers leave a request's options, in its ASGI scope's state.
 REQUEST_FIELDS = "image_service_request_fields"
 
@@ -95,20 +99,29 @@ class FilesOnlyMultipartSerde(serde.MultipartSerde):  # type: ignore[misc]  # un
             )) from None
         data: dict[str, Any] = {}
         options: dict[str, Any] = {}
+        unexpected: list[str] = []
         for key in form:
             values = form.getlist(key)
             if key in cls.multipart_fields:
                 files = [await self.ensure_file(v) for v in values]
                 data[key] = files if _is_list_field(cls, key) else files[0]
             elif any(isinstance(v, UploadFile) for v in values):
-                expected = ", ".join(f"`{f}`" for f in cls.multipart_fields) or "no file"
-                raise _validation_error(UnexpectedPart(
-                    f"the form has a file part named {key!r}; this endpoint takes {expected} "
-                    f"(e.g. `curl -F images=@digit.png`)"))
+                unexpected.append(key)
             elif key in cls.model_fields:  # a declared non-file field: JSON, or plain text
                 data[key] = _json_or_text(str(values[-1]))
             else:
                 options[key] = str(values[-1])
+        # A file part under another name is refused by name rather than ignored, so that a
+        # misspelt part never passes unnoticed: `missing_input` when the expected part is absent
+        # (the code a client sees for a form without it), `unexpected_part` beside it.
+        if unexpected:
+            expected = ", ".join(f"`{f}`" for f in sorted(cls.multipart_fields)) or "no file"
+            missing = sorted(f for f in cls.multipart_fields if f not in data)
+            found = f"the form has a file part named {unexpected[0]!r}; this endpoint takes"
+            raise _validation_error(
+                MissingPart(f"{missing[0]} is required: {found} {expected} (e.g. "
+                            f"`curl -F images=@digit.png`)") if missing else
+                UnexpectedPart(f"{found} {expected} (e.g. `curl -F images=@digit.png`)"))
         _keep_fields(request, options)
         return cls.model_validate(data)
 

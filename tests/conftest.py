@@ -38,6 +38,19 @@ E2E_FIXTURES = frozenset({"trained_model", "model_dir", "server", "trained_detec
                           "detector_server"})
 
 
+# Training the detector takes 3-5 minutes on 2 idle cores, and several times that on a loaded
+# machine (torch's threads contend): the test that first needs it may take longer than
+# pytest.ini's --timeout, which covers a test's fixtures too.
+DETECTOR_FIXTURES = frozenset({"trained_detector", "detector_server"})
+DETECTOR_TIMEOUT_S = 3600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DETECTOR_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.timeout(DETECTOR_TIMEOUT_S))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Before any fixture of the test runs: a unit test that would train a model or start a

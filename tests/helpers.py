@@ -73,12 +73,12 @@ def bentoml_build(cwd: Path, *args: str) -> str:
 
 
 def wait_for_job(url: str, task_id: str, headers: dict[str, str] | None = None,
-                 timeout_s: float = JOB_TIMEOUT_S) -> str:
-    """Poll `/classify_batch/status` until the job is no longer in progress; its last status
+                 timeout_s: float = JOB_TIMEOUT_S, route: str = "/classify_batch") -> str:
+    """Poll `<route>/status` until the job is no longer in progress; its last status
     ("completed", "failed", or still "in_progress" after `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = httpx.get(f"{url}/classify_batch/status", params={"task_id": task_id},
+        status = httpx.get(f"{url}{route}/status", params={"task_id": task_id},
                            headers=headers, timeout=30).json()["status"]
         if status != "in_progress" or time.monotonic() > deadline:
             return status

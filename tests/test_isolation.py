@@ -20,12 +20,25 @@ BLOCK_TRAINING_STACK = (
 )
 
 
-def test_importing_service_loads_no_training_module(trained_model: str) -> None:
-    result = python("-c", "import sys, json, service; print(json.dumps(sorted(sys.modules)))")
+def modules_loaded_by(service: str) -> set[str]:
+    """The modules a fresh process has loaded once it imported `service` from service.py (which
+    reads the service's model from the store)."""
+    result = python("-c", f"import sys, json; from service import {service}; "
+                    "print(json.dumps(sorted(sys.modules)))")
     assert result.returncode == 0, result.stderr
-    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_importing_the_classifier_loads_no_training_module(trained_model: str) -> None:
+    loaded = modules_loaded_by("ImageClassifier")
     assert not {"torch", "torchvision", "train_export"} & loaded, "serving imported training code"
-    assert "onnxruntime" in loaded
+    assert "onnxruntime" in loaded, "the service did load its model"
+
+
+def test_importing_the_detector_loads_no_training_module(trained_detector: str) -> None:
+    loaded = modules_loaded_by("ObjectDetector")
+    assert not {"torch", "torchvision", "train_export"} & loaded, "serving imported training code"
+    assert "onnxruntime" in loaded, "the service did load its model"
 
 
 def test_stored_model_predicts_where_torch_cannot_be_imported(trained_model: str,

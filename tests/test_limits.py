@@ -287,6 +287,6 @@ def test_every_limit_is_counted_in_metrics(strict) -> None:
 
 def test_a_short_api_key_stops_startup(trained_model: str) -> None:
     env = {**os.environ, "IMAGE_CLASSIFIER_API_KEY": "short"}
-    result = python("-c", "import service", env=env)
+    result = python("-c", "from service import ImageClassifier", env=env)
     assert result.returncode != 0
     assert "use at least 16" in result.stderr

@@ -200,7 +200,8 @@ def test_build_packs_every_model_the_configuration_names(versions, tmp_path):
     v1, v2 = versions
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("service.py", "bentofile.yaml", "serving", "requirements", "docs"):
+    for name in ("service.py", "classifier_service.py", "bentofile.yaml", "serving",
+                 "requirements", "docs"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, project / name)
     write_config(project / "configuration.yaml", {

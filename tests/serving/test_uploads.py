@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from serving.uploads import FilesOnlyMultipartSerde, install_parsers
+from serving.uploads import FilesOnlyMultipartSerde, install_parsers, request_fields
 from tests.helpers import http_scope
 
 BOUNDARY = "unit-test-boundary"
@@ -70,6 +70,25 @@ def test_a_text_value_in_a_file_field_is_refused_as_not_a_file(value: bytes) -> 
         parse(form(("images", None, value)))
     assert refusal_code(caught) == "not_a_file", caught.value
     assert "curl -F images=@" in str(caught.value), "the message shows how to send a file"
+
+
+@pytest.mark.parametrize("parts, code", [
+    ([("image", "a.png", b"x")], "missing_input"),
+    ([("images", "a.png", b"x"), ("mask", "m.png", b"y")], "unexpected_part"),
+], ids=["instead-of-images", "beside-images"])
+def test_a_file_under_another_name_is_refused_by_its_name(
+        parts: list[tuple[str, str | None, bytes]], code: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        parse(form(*parts))
+    assert refusal_code(caught) == code, caught.value
+    assert f"file part named {parts[-1][0]!r}" in str(caught.value), "the message names it"
+
+
+def test_text_fields_beside_the_files_are_kept_as_options() -> None:
+    body = form(("images", "a.png", b"x"), ("confidence_threshold", None, b"0.7"))
+    req = request(body)
+    asyncio.run(FilesOnlyMultipartSerde().parse_request(req, Upload))
+    assert request_fields(req) == {"confidence_threshold": "0.7"}
 
 
 def test_a_body_that_is_not_multipart_is_refused_as_invalid_multipart() -> None:
