@@ -22,9 +22,9 @@ help:
 	@echo "make train   train and export a new version of the default model"
 	@echo "make train-detector  train and export a new version of the default detector"
 	@echo "make build   bentoml build (the bento carries the model)"
-	@echo "make container        bentoml build + containerize -> image-classifier:latest"
-	@echo "make container-smoke  build, docker run, check it as a user would, clean up"
-	@echo "make bench   runtime ceiling + 3 servers under wrk load -> docs/benchmarks.md (about 20 min)"
+	@echo "make container        bentoml build + containerize -> image-classifier and object-detector images"
+	@echo "make container-smoke  build both, docker run, check them as a user would, clean up"
+	@echo "make bench   runtime ceilings + servers under wrk load, classifiers and the detector -> docs/benchmarks.md (about 25 min)"
 	@echo "make bench-overhead  cost of request log, drift and a shadow to served latency -> docs/overhead.md"
 	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
 	@echo "make drift-report  offline drift investigation -> docs/drift.md + docs/drift.png"
@@ -88,19 +88,22 @@ lint: dev-venv
 build: model
 	$(BIN)/bentoml build
 
-# bentoml build + bentoml containerize (a local Debian base where Docker Hub is out of reach).
-container: model
-	$(BIN)/python deploy/container/container.py build
+# bentoml build + bentoml containerize (a local Debian base where Docker Hub is out of reach),
+# for both services: image-classifier:latest and object-detector:latest.
+# One of them: `make container CONTAINER_ARGS="--service detector"`.
+container: model detector-model
+	$(BIN)/python deploy/container/container.py build $(CONTAINER_ARGS)
 
 # The offline drift investigation: p-values per kernel and stream, and the embeddings figure
 # (about 2 min); writes docs/drift.md and docs/drift.png.
 drift-report: model
 	$(BIN)/python -m train_export.drift_report
 
-# Build, `docker run --network host`, check /readyz, a prediction, the model tag, a non-root user,
-# no torch and no training code inside; starts (and stops) its own dockerd if none answers.
-container-smoke: model
-	$(BIN)/python deploy/container/container.py smoke
+# For each service (the classifier, then the detector): build, `docker run --network host`, check
+# /readyz, a prediction (/classify, or /detect on a composed scene), the model tag, a non-root
+# user, no torch and no training code inside; starts (and stops) its own dockerd if none answers.
+container-smoke: model detector-model
+	$(BIN)/python deploy/container/container.py smoke $(CONTAINER_ARGS)
 
 $(BIN)/.bench-installed: $(BIN)/.dev-installed requirements/bench.txt
 	$(PIP_INSTALL) -r requirements/bench.txt

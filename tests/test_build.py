@@ -1,5 +1,7 @@
-"""`bentoml build`: a torch-free bento that carries the model and serves from anywhere; and a bad
-configuration stops startup with a message that says what to fix."""
+"""`bentoml build`: a torch-free bento that carries the model and serves from anywhere, for the
+classifier (bentofile.yaml) and the detector (bentofile.detector.yaml), each with only its own
+serving code and model; and a bad configuration stops startup with a message that says what to
+fix."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import bentoml
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -19,27 +22,98 @@ from tests.helpers import BIN, ROOT, bentoml_build, start_server
 
 pytestmark = pytest.mark.e2e
 
+# The serving package, every module of it, as the bentofiles' `serving/*.py` packs it.
+SERVING_SOURCES = {p.relative_to(ROOT).as_posix() for p in (ROOT / "serving").glob("*.py")}
+
 
 @pytest.fixture(scope="module")
 def built_bento(trained_model: str) -> bentoml.Bento:
     return bentoml.get(bentoml_build(ROOT))
 
 
-def test_bento_carries_the_model_and_no_training_code(built_bento, trained_model) -> None:
-    bento_dir = Path(built_bento.path)
-    lines = (bento_dir / "env/python/requirements.txt").read_text().lower().splitlines()
-    packages = {re.split(r"[=<>~\[ ;]", ln.strip())[0] for ln in lines
-                if ln.strip() and not ln.startswith(("#", "-"))}
+@pytest.fixture(scope="module")
+def built_detector_bento(trained_detector: str, trained_model: str) -> bentoml.Bento:
+    """The detector's bento, built while the store also holds a classifier (which it must not
+    pack)."""
+    return bentoml.get(bentoml_build(ROOT, "-f", "bentofile.detector.yaml"))
+
+
+def requirements_of(bento: bentoml.Bento) -> set[str]:
+    """The package names in the bento's env/python/requirements.txt, lower case."""
+    lines = (Path(bento.path) / "env/python/requirements.txt").read_text().lower().splitlines()
+    return {re.split(r"[=<>~\[ ;]", ln.strip())[0] for ln in lines
+            if ln.strip() and not ln.startswith(("#", "-"))}
+
+
+def sources_of(bento: bentoml.Bento) -> set[str]:
+    """Every file under the bento's src/, relative to it."""
+    src = Path(bento.path) / "src"
+    return {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+
+
+def assert_serving_requirements_only(bento: bentoml.Bento) -> None:
+    packages = requirements_of(bento)
     assert {"bentoml", "onnxruntime-gpu", "pillow"} <= packages
     leaked = packages & {"torch", "torchvision", "onnxscript", "onnx", "scikit-learn"}
     assert not leaked, f"training packages in the serving requirements: {leaked}"
-    sources = {p.relative_to(bento_dir / "src").as_posix() for p in (bento_dir / "src").rglob("*")
-               if p.is_file()}
-    assert {"service.py", "configuration.yaml", "serving/preprocess.py"} <= sources
+
+
+def test_bento_carries_the_model_and_no_training_code(built_bento, trained_model) -> None:
+    assert_serving_requirements_only(built_bento)
+    sources = sources_of(built_bento)
+    assert {"service.py", "classifier_service.py", "configuration.yaml",
+            "serving/preprocess.py"} <= sources
+    assert "detector_service.py" not in sources, "the detector's service in the classifier bento"
     assert not any(s.startswith(("train_export", "tests", "bench", "devtools")) for s in sources), \
         f"training, test or development code in the bento: {sorted(sources)}"
     packed = {str(m.tag) for m in built_bento.info.all_models}
     assert trained_model in packed
+
+
+def test_detector_bento_carries_only_the_detector_and_its_serving_code(
+        built_detector_bento, trained_detector) -> None:
+    assert built_detector_bento.info.name == "object-detector"
+    assert_serving_requirements_only(built_detector_bento)
+    # bentofile.yaml: BentoML's copy of the build configuration (bentofile.detector.yaml).
+    expected = {"service.py", "detector_service.py", "configuration.yaml", "bentofile.yaml",
+                *SERVING_SOURCES}
+    sources = sources_of(built_detector_bento)
+    assert sources == expected, (f"unexpected: {sorted(sources - expected)}; "
+                                 f"missing: {sorted(expected - sources)}")
+    packed = {str(m.tag) for m in built_detector_bento.info.all_models}
+    assert packed == {trained_detector}, "the detector bento packs the detector and nothing else"
+    readme = (Path(built_detector_bento.path) / "README.md").read_text()
+    assert readme.startswith("# object-detector"), "the bento's description: service-detector.md"
+
+
+def test_built_detector_bento_serves_from_an_empty_directory(built_detector_bento,
+                                                            trained_detector, tmp_path) -> None:
+    """`bentoml serve object-detector:<version>` from an empty directory finds the digits of a
+    held-out scene composed for the test."""
+    from PIL import Image
+
+    from serving.detection import box_iou
+    from train_export.detection.scenes import heldout_scenes
+
+    scene = next(s for s in heldout_scenes(16) if len(s.boxes) >= 3)
+    upload = tmp_path / "scene.png"
+    Image.fromarray(scene.image).save(upload)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with start_server([str(built_detector_bento.tag)], cwd=empty, log_dir=tmp_path) as server:
+        response = httpx.post(f"{server.url}/detect",
+                              files=[("images", (upload.name, upload.read_bytes(), "image/png"))],
+                              timeout=30)
+    assert response.status_code == 200, response.text
+    (result,) = response.json()
+    assert result["model"] == trained_detector
+    assert (result["width"], result["height"]) == (scene.width, scene.height)
+    found = [any(d["class_id"] == c and box_iou(np.asarray(d["box"]), box) >= 0.5
+                 for d in result["detections"])
+             for box, c in zip(scene.boxes, scene.class_ids)]
+    # The detector's mAP@0.5 is about 0.9: most, not necessarily all, digits of one scene.
+    assert sum(found) * 2 >= len(found), (
+        f"found {sum(found)} of the digits {scene.class_ids.tolist()}: {result['detections']}")
 
 
 def test_built_bento_serves_from_an_empty_directory(built_bento, examples_dir, tmp_path) -> None:

@@ -92,7 +92,7 @@ def test_the_gpu_bentofile_adds_only_cuda_libraries_and_the_gpu_configuration() 
     shipped = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     gpu = yaml.safe_load((ROOT / "deploy" / "container" / "bentofile.gpu.yaml").read_text())
     assert gpu.pop("name") == shipped.pop("name") + "-gpu"
-    assert set(gpu["include"]) - set(shipped["include"]) == {"configuration.gpu.yaml"}
+    assert set(gpu["include"]) - set(shipped["include"]) == {"/configuration.gpu.yaml"}
     gpu_requirements = ROOT / gpu["python"]["requirements_txt"]
     assert gpu_requirements.read_text().count("-r serving.txt") == 1
     assert "onnxruntime-gpu[cuda,cudnn]" in gpu_requirements.read_text()
