@@ -1,5 +1,7 @@
 """`python -m bench` (or `make bench`): the runtime ceiling, the decode cost, and three servers on
-the same ONNX graph under the same closed-loop load; writes docs/benchmarks.md, plots, raw JSON."""
+the same ONNX graph under the same closed-loop load; the default detector beside the classifiers
+(its ceiling with the per-image work around the runtime, and its service on /detect); writes
+docs/benchmarks.md, plots, raw JSON. `--quick`: a short smoke run that writes under build/."""
 
 from __future__ import annotations
 
@@ -12,13 +14,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "bench"
+# --quick: what it changes where the option is left at its default.
+QUICK = {"servers": ["bentoml"], "concurrency": [1, 16, 64, 128], "duration": 3,
+         "ceiling_seconds": 0.5, "levers": False, "out": WORK / "quick"}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["digits", "mobilenet_v3_small", "resnet18"])
-    parser.add_argument("--servers", nargs="+", default=["bentoml", "fastapi", "litserve"])
+    parser.add_argument("--models", nargs="+",
+                        default=["digits", "mobilenet_v3_small", "resnet18", "detector"],
+                        help="bench models (bench/assets.py MODELS); `detector` is the default "
+                        "digits-detector, served by service:ObjectDetector only")
+    parser.add_argument("--servers", nargs="+", default=["bentoml", "fastapi", "litserve"],
+                        help="servers for the classifiers; the detector gets bentoml only")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64, 128])
     parser.add_argument("--duration", type=int, default=10, help="seconds per load level")
     parser.add_argument("--ceiling-seconds", type=float, default=2.0)
@@ -29,16 +38,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=ROOT / "configuration.yaml",
                         help="the service configuration to benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--home", type=Path, default=WORK / "home",
+                        help="the BentoML store the models come from; a model it lacks is "
+                        "exported (trained, for digits and the detector) into it")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report and plots from the saved results.json")
     parser.add_argument("--levers-only", action="store_true",
                         help="measure the levers again into the saved results.json")
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run, not a result: where not given, --servers bentoml "
+                        "--concurrency 1 16 64 128 --duration 3 --ceiling-seconds 0.5 "
+                        "--no-levers --out build/bench/quick (docs/ is left alone); e.g. "
+                        "--quick --models detector")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    return args
 
 
 def main() -> None:
     args = parse_args()
-    os.environ["BENTOML_HOME"] = str(WORK / "home")  # a store of its own, before bentoml loads
+    args.home = args.home.resolve()
+    os.environ["BENTOML_HOME"] = str(args.home)  # a store of its own, before bentoml loads
     os.environ["BENTOML_CONFIG"] = str(args.config.resolve())  # what the service and peers read
     if args.report_only or args.levers_only:
         rewrite_saved(args)
@@ -65,15 +88,17 @@ def rewrite_saved(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from bench import report
-    from bench.assets import write_images
+    from bench.assets import MODELS, write_images
     from serving.settings import parse_settings, read_config_file, service_config
 
+    unknown = [k for k in args.models if k not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown --models {unknown}; choose from {list(MODELS)}")
     if args.gpu:
         args.models = ["resnet50"]
     document = read_config_file(args.config)
     settings = parse_settings(document)
-    workers = service_config(document, settings).get("workers", 1)
-    workers = os.cpu_count() if workers == "cpu_count" else int(workers)
+    workers = workers_of(service_config(document, settings))
     providers = list(settings.model.providers)
     WORK.mkdir(parents=True, exist_ok=True)
     images = write_images(WORK / "images")
@@ -85,14 +110,22 @@ def run(args: argparse.Namespace) -> None:
                                  "max_latency_ms": settings.batching.max_latency_ms},
                      "images": {k: p.stat().st_size for k, p in images.items()}, "models": {}}
 
+    if args.quick:
+        results["quick"] = True  # the report says it is a smoke run
+
     litserve_config: dict = {}
-    if "litserve" in args.servers:
+    if "litserve" in args.servers and any(MODELS[k].task == "classification"
+                                          for k in args.models):
         litserve_config, results["litserve_tuning"] = tune_litserve(
-            args.models[0] if args.gpu else "mobilenet_v3_small", images, args.duration)
+            args.models[0] if args.gpu else "mobilenet_v3_small", images, args.duration,
+            args.home)
 
     for key in args.models:
-        results["models"][key] = measure_model(key, args, settings, workers, images,
-                                               litserve_config)
+        if MODELS[key].task == "detection":
+            results["models"][key] = measure_detector(key, args, document)
+        else:
+            results["models"][key] = measure_model(key, args, settings, workers, images,
+                                                   litserve_config)
 
     if args.levers:
         results["levers"], results["profile"] = measure_levers(results["models"], images,
@@ -103,7 +136,11 @@ def run(args: argparse.Namespace) -> None:
     suffix = "-gpu" if args.gpu else ""
     (args.out / "bench" / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
     report.write(results, args.out, suffix)
-    print(f"wrote {args.out / f'benchmarks{suffix}.md'}")
+    for name, figure, met in report.targets(results):
+        verdict = "-   " if met is None else ("PASS" if met else "MISS")
+        print(f"target {verdict} {name}: {figure}", flush=True)
+    print(f"wrote {args.out / f'benchmarks{suffix}.md'}"
+          + (" (--quick: a smoke run, not a result)" if args.quick else ""))
 
 
 def measure_model(key: str, args: argparse.Namespace, settings, workers: int, images: dict,
@@ -111,12 +148,12 @@ def measure_model(key: str, args: argparse.Namespace, settings, workers: int, im
     """The ceiling, the decode cost, and each server under load, for one model."""
     import bentoml
 
-    from bench import ceiling, load, servers
+    from bench import ceiling
     from bench.assets import MODELS, ensure_model
 
     model = MODELS[key]
     providers = list(settings.model.providers)
-    tag = ensure_model(model, WORK / "home", ROOT)
+    tag = ensure_model(model, args.home, ROOT)
     model_dir = Path(bentoml.models.get(tag).path)
     print(f"[{key}] ceiling", flush=True)
     entry = {
@@ -131,18 +168,94 @@ def measure_model(key: str, args: argparse.Namespace, settings, workers: int, im
     }
     for server in args.servers:
         overrides = litserve_config if server == "litserve" else {}
-        with servers.serve(server, tag, model_dir, WORK, overrides) as running:
-            print(f"[{key}] {server}: ready in {running.ready_s:.2f}s", flush=True)
-            load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)  # warm up
-            levels = []
-            for concurrency in args.concurrency:
-                result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency,
-                                      args.duration, sample_batches=server == "bentoml")
-                print(f"[{key}] {server} c={concurrency}: {result.throughput:.1f} req/s "
-                      f"p99 {result.p99_ms:.0f} ms", flush=True)
-                levels.append(asdict(result))
-            entry["served"][server] = {"ready_s": running.ready_s, "levels": levels}
+        entry["served"][server] = measure_served(key, server, tag, model_dir, overrides, args,
+                                                 images["jpeg"])
     return entry
+
+
+def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: dict,
+                   args: argparse.Namespace, upload: Path, task: str = "classification",
+                   content_type: str = "image/jpeg") -> dict:
+    """One server on one model: warm-up, then each concurrency level under wrk."""
+    from bench import load, servers
+
+    route = servers.ROUTES[task]
+    with servers.serve(server, tag, model_dir, WORK, overrides, task=task) as running:
+        print(f"[{key}] {server}: ready in {running.ready_s:.2f}s", flush=True)
+        load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type,
+                     route=route)  # warm up
+        levels = []
+        for concurrency in args.concurrency:
+            result = load.run_wrk(running.url, running.pid, upload, concurrency, args.duration,
+                                  sample_batches=server == "bentoml", content_type=content_type,
+                                  route=route)
+            print(f"[{key}] {server} c={concurrency}: {result.throughput:.1f} req/s "
+                  f"p99 {result.p99_ms:.0f} ms"
+                  + (f" ({result.requests - result.ok} not 200)" if result.requests > result.ok
+                     else ""), flush=True)
+            levels.append(asdict(result))
+    return {"ready_s": running.ready_s, "levels": levels}
+
+
+def measure_detector(key: str, args: argparse.Namespace, document: dict) -> dict:
+    """The detector: its runtime alone, its runtime with the per-image work the server does
+    around it (decode + letterbox of the bench scene, post-processing), the stages one by one,
+    and service:ObjectDetector under load on /detect with the scene as a PNG upload."""
+    import bentoml
+
+    from bench import ceiling
+    from bench.assets import MODELS, ensure_model, write_scene
+    from serving.settings import DETECTOR, DetectorSettings, parse_settings, service_config
+
+    model = MODELS[key]
+    settings = parse_settings(document, str(args.config), DETECTOR, DetectorSettings)
+    workers = workers_of(service_config(document, settings))
+    providers = list(settings.model.providers)
+    threads = settings.model.intra_op_threads
+    detection = settings.detection.model_dump()
+    tag = ensure_model(model, args.home, ROOT)
+    model_dir = Path(bentoml.models.get(tag).path)
+    scene = write_scene(WORK / "images")
+    upload = scene.paths["png"]
+    data = upload.read_bytes()
+    print(f"[{key}] ceiling", flush=True)
+    entry = {
+        "tag": tag, "kind": model.kind, "task": model.task,
+        "service": {"workers": workers, "intra_op_threads": threads, "providers": providers,
+                    "max_batch_size": settings.batching.max_batch_size,
+                    "max_latency_ms": settings.batching.max_latency_ms,
+                    "detection": detection},
+        "upload": {"file": upload.name, "content_type": "image/png", "bytes": len(data),
+                   "jpeg_bytes": scene.paths["jpeg"].stat().st_size, "width": scene.width,
+                   "height": scene.height, "background": scene.background,
+                   "labels": scene.labels, "boxes": scene.boxes},
+        "runtime_service_threads": ceiling.parallel_runtime_throughput(
+            model_dir, providers, workers, threads, args.ceiling_seconds),
+        "runtime_all_threads": ceiling.runtime_throughput(
+            model_dir, providers, 0, args.ceiling_seconds),
+        "pipeline_service_threads": ceiling.parallel_detector_pipeline_throughput(
+            model_dir, providers, workers, threads, args.ceiling_seconds, data, detection),
+        "decode_ms": ceiling.decode_cost_ms(model_dir, scene.paths, args.ceiling_seconds),
+        "stages": ceiling.detector_stages(model_dir, providers, data, detection,
+                                          args.ceiling_seconds),
+        "served": {},
+    }
+    found = [d["label"] for d in entry["stages"]["detections"]]
+    print(f"[{key}] the scene's {len(scene.labels)} digits {scene.labels}: found {found}",
+          flush=True)
+    if others := [s for s in args.servers if s != "bentoml"]:
+        print(f"[{key}] {', '.join(others)}: classifiers only (bench/peers/), skipped",
+              flush=True)
+    if "bentoml" in args.servers:
+        entry["served"]["bentoml"] = measure_served(key, "bentoml", tag, model_dir, {}, args,
+                                                    upload, model.task, "image/png")
+    return entry
+
+
+def workers_of(block: dict) -> int:
+    """`workers` of a service block (BentoML's key): a number, or cpu_count."""
+    workers = block.get("workers", 1)
+    return (os.cpu_count() or 1) if workers == "cpu_count" else int(workers)
 
 
 LITSERVE_GRID = [  # inference workers x ORT threads, batch timeout, API server processes
@@ -151,14 +264,14 @@ LITSERVE_GRID = [  # inference workers x ORT threads, batch timeout, API server 
 ]
 
 
-def tune_litserve(key: str, images: dict, duration: int) -> tuple[dict, dict]:
+def tune_litserve(key: str, images: dict, duration: int, home: Path) -> tuple[dict, dict]:
     """LitServe's best configuration on the light model at c=64, so the comparison is fair."""
     import bentoml
 
     from bench import load, servers
     from bench.assets import MODELS, ensure_model
 
-    tag = ensure_model(MODELS[key], WORK / "home", ROOT)
+    tag = ensure_model(MODELS[key], home, ROOT)
     model_dir = Path(bentoml.models.get(tag).path)
     tried = {}
     for config in LITSERVE_GRID:

@@ -73,8 +73,8 @@ def metric_samples(text: str, name: str):
             yield dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)
 
 
-def batch_histogram(url: str) -> dict[str, float]:
-    """BentoML's adaptive batch-size histogram for /classify, summed over workers."""
+def batch_histogram(url: str, method: str = "classify") -> dict[str, float]:
+    """BentoML's adaptive batch-size histogram for the API `method`, summed over workers."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -82,10 +82,10 @@ def batch_histogram(url: str) -> dict[str, float]:
     buckets: dict[str, float] = {"sum": 0.0}
     name = "bentoml_service_adaptive_batch_size"
     for labels, value in metric_samples(text, f"{name}_bucket"):
-        if labels.get("method_name") == "classify":
+        if labels.get("method_name") == method:
             buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + value
     for labels, value in metric_samples(text, f"{name}_sum"):
-        if labels.get("method_name") == "classify":
+        if labels.get("method_name") == method:
             buckets["sum"] += value
     return buckets if len(buckets) > 1 else {}
 
@@ -108,12 +108,13 @@ def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
             timeout_s: int = 30, sample_batches: bool = True, rate: float = 0,
-            content_type: str = "image/jpeg") -> LoadResult:
-    """Closed loop; with `rate`, at most that many requests per second (bench/paced.lua)."""
+            content_type: str = "image/jpeg", route: str = "classify") -> LoadResult:
+    """Closed loop; with `rate`, at most that many requests per second (bench/paced.lua).
+    `route`: /classify, or /detect for a detector."""
     threads = 1 if concurrency < 8 else 2
     script = [str(PACED_LUA)] if rate else [str(LUA)]
     command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s",
-               "--timeout", f"{int(timeout_s)}s", "-s", *script, f"{url}/classify", "--",
+               "--timeout", f"{int(timeout_s)}s", "-s", *script, f"{url}/{route}", "--",
                str(image), "images", content_type, *([f"{rate / threads:.3f}"] if rate else [])]
     peak_rss = [rss_mb(pid)]
     stop = threading.Event()
@@ -123,7 +124,7 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
             peak_rss.append(rss_mb(pid))
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
-    histogram_before = batch_histogram(url) if sample_batches else {}
+    histogram_before = batch_histogram(url, route) if sample_batches else {}
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before, wall_before = cpu_seconds(pid), time.perf_counter()
     sampler.start()
@@ -159,5 +160,6 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
         server_rss_start_mb=peak_rss[0],
         server_rss_end_mb=peak_rss[-1],
         loadgen_cpu_cores=loadgen_cpu / wall,
-        batch_sizes=batch_summary(histogram_before, batch_histogram(url)) if sample_batches else {},
+        batch_sizes=(batch_summary(histogram_before, batch_histogram(url, route))
+                     if sample_batches else {}),
     )

@@ -12,11 +12,12 @@ function init(args)
   local f = assert(io.open(path, "rb"))
   local data = f:read("*all")
   f:close()
+  local filename = ctype == "image/png" and "upload.png" or "upload.jpg"
   local boundary = "----benchboundary7MA4YWxkTrZu0gW"
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
   wrk.body = "--" .. boundary .. "\r\n"
-    .. 'Content-Disposition: form-data; name="' .. field .. '"; filename="upload.jpg"\r\n'
+    .. 'Content-Disposition: form-data; name="' .. field .. '"; filename="' .. filename .. '"\r\n'
     .. "Content-Type: " .. ctype .. "\r\n\r\n" .. data .. "\r\n--" .. boundary .. "--\r\n"
   s200, s429, s503, s504, sother = 0, 0, 0, 0, 0
 end

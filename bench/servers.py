@@ -1,4 +1,5 @@
-"""Start the three servers under test on 127.0.0.1, each on the same ONNX graph from the store."""
+"""Start the servers under test on 127.0.0.1, each on the same ONNX graph from the store: the
+three classifier servers, and this project's ObjectDetector for a detector."""
 
 from __future__ import annotations
 
@@ -38,13 +39,22 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def bentoml_config(tag: str, overrides: dict, directory: Path) -> Path:
+# Per task: the service class (its block in configuration.yaml) and our section inside it.
+SERVICES = {"classification": ("ImageClassifier", "image_classifier"),
+            "detection": ("ObjectDetector", "object_detector")}
+# The route each task's load goes to (and its method in BentoML's batch-size histogram).
+ROUTES = {"classification": "classify", "detection": "detect"}
+
+
+def bentoml_config(tag: str, overrides: dict, directory: Path,
+                   task: str = "classification") -> Path:
     """configuration.yaml with the model tag and any lever under test, as an operator would."""
     base = Path(os.environ.get("BENTOML_CONFIG") or ROOT / "configuration.yaml")
     document = yaml.safe_load(base.read_text())
-    service = document["services"]["ImageClassifier"]
-    service["image_classifier"]["model"]["tag"] = tag
-    document["services"]["ImageClassifier"] = deep_merge(service, overrides)
+    name, section = SERVICES[task]
+    service = document["services"][name]
+    service[section]["model"]["tag"] = tag
+    document["services"][name] = deep_merge(service, overrides)
     path = directory / f"bench-{tag.replace(':', '-')}-{abs(hash(repr(overrides)))}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -60,14 +70,17 @@ def without_modules(names: list[str], workdir: Path) -> dict:
 
 
 def command_for(server: str, tag: str, model_dir: Path, port: int, workdir: Path,
-                overrides: dict, without: tuple[str, ...]) -> tuple[list[str], dict, str]:
+                overrides: dict, without: tuple[str, ...], task: str = "classification"
+                ) -> tuple[list[str], dict, str]:
     env = os.environ.copy()
     if without:
         env.update(without_modules(list(without), workdir))
     if server == "bentoml":
-        env["BENTOML_CONFIG"] = str(bentoml_config(tag, overrides, workdir))
-        return ([str(BIN / "bentoml"), "serve", "service:ImageClassifier", "--host", "127.0.0.1",
-                 "--port", str(port)], env, "/readyz")
+        env["BENTOML_CONFIG"] = str(bentoml_config(tag, overrides, workdir, task))
+        return ([str(BIN / "bentoml"), "serve", f"service:{SERVICES[task][0]}", "--host",
+                 "127.0.0.1", "--port", str(port)], env, "/readyz")
+    if task != "classification":
+        raise ValueError(f"{server} serves classifiers only (bench/peers/); {task}: bentoml")
     module = {"fastapi": "bench.peers.fastapi_app", "litserve": "bench.peers.litserve_app"}[server]
     extra = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
     return ([sys.executable, "-m", module, "--model-dir", str(model_dir), "--port", str(port),
@@ -76,12 +89,14 @@ def command_for(server: str, tag: str, model_dir: Path, port: int, workdir: Path
 
 @contextlib.contextmanager
 def serve(server: str, tag: str, model_dir: Path, workdir: Path, overrides: dict | None = None,
-          without: tuple[str, ...] = (), timeout_s: float = 120) -> Iterator[Running]:
+          without: tuple[str, ...] = (), timeout_s: float = 120,
+          task: str = "classification") -> Iterator[Running]:
     """Start `server` (with `overrides` to its configuration, and `without` these modules
-    importable), wait until it answers its readiness path, stop it and its children after."""
+    importable) for a model of `task`, wait until it answers its readiness path, stop it and its
+    children after."""
     port = free_port()
     command, env, ready_path = command_for(server, tag, model_dir, port, workdir,
-                                           overrides or {}, without)
+                                           overrides or {}, without, task)
     with open(workdir / f"{server}-{port}.log", "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
