@@ -1,12 +1,18 @@
-"""python -m classifier_client: the service from the command line.
+"""python -m classifier_client: the services from the command line.
 
-  predict IMAGE... --url URL              labels for a few images
-  folder DIR --url URL --out preds.csv    every image under DIR (concurrent, resumable)
-  offline DIR --model TAG --out preds.csv the same with the stored model, no server
-  smoke --url URL                         health, one known prediction, latency percentiles
+  predict IMAGE... --url URL               labels for a few images (a classifier)
+  detect IMAGE... --url URL [--draw DIR]   detections for a few images (a detector); --draw
+                                           saves each image with its boxes as DIR/<stem>.boxes.png
+  folder DIR --url URL --out FILE          every image under DIR (concurrent): a classifier's
+                                           rows (.csv/.jsonl, resumable), a detector's COCO
+                                           results (.json); the service's /model_info says which
+  offline DIR --model TAG --out FILE       the same with the stored model, no server
+  smoke --url URL                          health, one known prediction, latency percentiles
   load --url URL --concurrency C --duration S   closed-loop load and a summary table
 
-The API key, when the service has one, comes from --api-key or $IMAGE_CLASSIFIER_API_KEY.
+The API key, when the service has one, comes from --api-key, else $IMAGE_CLASSIFIER_API_KEY
+(predict, smoke, load), $OBJECT_DETECTOR_API_KEY (detect), or whichever of the two is set
+(folder).
 """
 
 from __future__ import annotations
@@ -17,8 +23,37 @@ import os
 import sys
 from pathlib import Path
 
+from .coco import FORMAT as COCO_FORMAT
+from .detector import DetectOptions
+
 DEFAULT_URL = "http://127.0.0.1:3000"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digit_7_00.png"
+CLASSIFIER_KEY, DETECTOR_KEY = "IMAGE_CLASSIFIER_API_KEY", "OBJECT_DETECTOR_API_KEY"
+FOLDER_OUTPUT = f"""\
+A classifier: --out preds.csv or preds.jsonl, one row per image (path, label, confidence,
+model); a second run sends only the files not yet in it.
+
+A detector: --out results.json, COCO results, and results.images.json beside it; every run
+answers the whole folder and rewrites both. For COCO evaluation pass --confidence-threshold 0.05
+(as train_export's evaluation does); unset, the thresholds are the service's defaults.
+{COCO_FORMAT}
+Failures are listed per file, with the reason, in <out>.failed.jsonl; the exit status is then 1
+and they are tried again next run.
+"""
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number from 0 to 1")
+    return value
+
+
+def detection_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number from 1 to 1000")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,35 +61,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def with_url(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_url(sub: argparse.ArgumentParser, *key_vars: str) -> argparse.ArgumentParser:
         sub.add_argument("--url", default=DEFAULT_URL, help=f"service URL (default {DEFAULT_URL})")
-        sub.add_argument("--api-key", default=os.environ.get("IMAGE_CLASSIFIER_API_KEY"),
-                         help="sent as `Authorization: Bearer`; default $IMAGE_CLASSIFIER_API_KEY")
+        key = next((os.environ[v] for v in key_vars if os.environ.get(v)), None)
+        sub.add_argument("--api-key", default=key,
+                         help="sent as `Authorization: Bearer`; default "
+                         + " or ".join(f"${v}" for v in key_vars))
         return sub
 
-    predict = with_url(commands.add_parser("predict", help="labels for a few images"))
+    def with_thresholds(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        group = sub.add_argument_group("detector thresholds (unset: the service's defaults)")
+        group.add_argument("--confidence-threshold", type=unit_interval, metavar="X",
+                           help="detections scoring at or below X are dropped (0-1)")
+        group.add_argument("--iou-threshold", type=unit_interval, metavar="Y",
+                           help="per-class NMS: of two boxes of one class overlapping more than "
+                           "Y, the lower-scoring one is dropped (0-1)")
+        group.add_argument("--max-detections", type=detection_count, metavar="N",
+                           help="at most N detections per image (1-1000)")
+        return sub
+
+    predict = with_url(commands.add_parser("predict", help="labels for a few images"),
+                       CLASSIFIER_KEY)
     predict.add_argument("images", nargs="+", type=Path)
 
-    folder = with_url(commands.add_parser("folder", help="every image under a folder"))
+    detect = with_thresholds(with_url(commands.add_parser(
+        "detect", help="detections for a few images, optionally drawn",
+        description="One request with every image; prints one JSON line per image: "
+        '{"path", "width", "height", "detections": [{"label", "class_id", "score", "box": '
+        "[x1, y1, x2, y2]}]}, boxes in the image's pixels after its EXIF rotation, best first."),
+        DETECTOR_KEY))
+    detect.add_argument("images", nargs="+", type=Path)
+    detect.add_argument("--draw", type=Path, metavar="OUTDIR",
+                        help="write each image with its boxes and labels to "
+                        "OUTDIR/<stem>.boxes.png")
+
+    folder = with_thresholds(with_url(commands.add_parser(
+        "folder", help="every image under a folder", epilog=FOLDER_OUTPUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter), CLASSIFIER_KEY, DETECTOR_KEY))
     folder.add_argument("folder", type=Path)
-    folder.add_argument("--out", type=Path, required=True, help="results, .csv or .jsonl")
+    folder.add_argument("--out", type=Path, required=True,
+                        help="a classifier's .csv or .jsonl, a detector's .json (COCO results)")
     folder.add_argument("--concurrency", type=int, default=8)
 
-    offline = commands.add_parser("offline", help="a folder through the stored model, no server")
+    offline = with_thresholds(commands.add_parser(
+        "offline", help="a folder through the stored model, no server",
+        description="The model's card says its task; the output is `folder`'s. A detector's "
+        "default thresholds are configuration.yaml's (or $BENTOML_CONFIG's) `detection:`.",
+        epilog=FOLDER_OUTPUT, formatter_class=argparse.RawDescriptionHelpFormatter))
     offline.add_argument("folder", type=Path)
-    offline.add_argument("--out", type=Path, required=True, help="results, .csv or .jsonl")
-    offline.add_argument("--model", default="digits-classifier:latest", help="model store tag")
+    offline.add_argument("--out", type=Path, required=True,
+                         help="a classifier's .csv or .jsonl, a detector's .json (COCO results)")
+    offline.add_argument("--model", default="digits-classifier:latest",
+                         help="model store tag, a classifier or a detector "
+                         "(default digits-classifier:latest)")
 
-    smoke = with_url(commands.add_parser("smoke", help="check a fresh deployment"))
+    smoke = with_url(commands.add_parser("smoke", help="check a fresh deployment"),
+                     CLASSIFIER_KEY)
     smoke.add_argument("--image", type=Path, default=EXAMPLE)
     smoke.add_argument("--expect", default="7", help="the label --image must get")
     smoke.add_argument("--requests", type=int, default=50, help="for the latency percentiles")
 
-    load = with_url(commands.add_parser("load", help="closed-loop load, summary table"))
+    load = with_url(commands.add_parser("load", help="closed-loop load, summary table"),
+                    CLASSIFIER_KEY)
     load.add_argument("--image", type=Path, default=EXAMPLE)
     load.add_argument("--concurrency", type=int, default=8)
     load.add_argument("--duration", type=float, default=10, help="seconds")
     return parser.parse_args(argv)
+
+
+def detect_options(args: argparse.Namespace) -> DetectOptions:
+    return DetectOptions(args.confidence_threshold, args.iou_threshold, args.max_detections)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,16 +143,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"path": str(path), "label": answer["label"],
                                   "confidence": round(answer["confidence"], 6)}))
         return 0
+    if args.command == "detect":
+        return detect(args)
     if args.command in ("folder", "offline"):
         if args.command == "folder":
-            from .folder import classify_folder
+            from .folder import run_folder
 
-            answered, failed = classify_folder(args.url, args.folder, args.out,
-                                               concurrency=args.concurrency, api_key=args.api_key)
+            answered, failed = run_folder(args.url, args.folder, args.out,
+                                          concurrency=args.concurrency, api_key=args.api_key,
+                                          options=detect_options(args))
         else:
-            from .offline import classify_folder_offline
+            from .offline import run_folder_offline
 
-            answered, failed = classify_folder_offline(args.model, args.folder, args.out)
+            answered, failed = run_folder_offline(args.model, args.folder, args.out,
+                                                  options=detect_options(args))
         print(f"{answered} answered, {failed} failed -> {args.out}"
               + (f" (failures: {args.out.name}.failed.jsonl; run again to retry them)"
                  if failed else ""))
@@ -88,6 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     from .load import load, print_table
 
     print_table(load(args.url, args.image, args.concurrency, args.duration, args.api_key))
+    return 0
+
+
+def detect(args: argparse.Namespace) -> int:
+    import httpx
+
+    from .detector import DetectorClient
+    from .draw import draw_file
+    from .folder import reason_of
+
+    try:
+        with DetectorClient(args.url, api_key=args.api_key) as client:
+            answers = client.detect(args.images, detect_options(args))
+    except (httpx.HTTPError, OSError) as exc:  # the service's {"error", "detail"}, or why not
+        print(f"{args.url}/detect: {reason_of(exc)}", file=sys.stderr)
+        return 1
+    for path, answer in zip(args.images, answers):
+        print(json.dumps({"path": str(path), "width": answer["width"],
+                          "height": answer["height"], "detections": answer["detections"]}))
+        if args.draw is not None:
+            print(f"drew {draw_file(path, answer, args.draw)}", file=sys.stderr)
     return 0
 
 

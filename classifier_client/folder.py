@@ -1,4 +1,6 @@
-"""`folder`: every image under a folder through a running service, concurrently, resumable."""
+"""`folder`: every image under a folder through a running service, concurrently. A classifier's
+answers become rows (CSV or JSON Lines, resumable); a detector's, COCO results. Which one the
+service is, its /model_info says (`task`)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,32 @@ import httpx
 from bentoml.exceptions import BentoMLException
 from tqdm import tqdm
 
-from .files import Output, images_in, row
+from .coco import Answered, check_out, image_ids, write_coco
+from .detector import DetectOptions, DetectorClient, model_info
+from .files import Failures, Output, images_in, row
 from .retry import RetryingClient
+
+
+def run_folder(url: str, folder: Path, out: Path, *, concurrency: int = 8,
+               api_key: str | None = None, options: DetectOptions = DetectOptions()
+               ) -> tuple[int, int]:
+    """Asks the service its task, then runs the folder through it; (answered, failed)."""
+    info = service_info(url, api_key)
+    if info.get("task", "classification") == "detection":
+        return detect_folder(url, folder, out, info, concurrency=concurrency, api_key=api_key,
+                             options=options)
+    if options.form():
+        raise SystemExit(f"{url} serves a classifier ({info.get('tag')}): the threshold options "
+                         "are for detectors")
+    return classify_folder(url, folder, out, concurrency=concurrency, api_key=api_key)
+
+
+def service_info(url: str, api_key: str | None) -> dict[str, Any]:
+    try:
+        return model_info(url, api_key)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"could not ask {url}/model_info which task the service runs: "
+                         f"{reason_of(exc)}") from None
 
 
 def classify_folder(url: str, folder: Path, out: Path, *, concurrency: int = 8,
@@ -30,23 +56,62 @@ def classify_folder(url: str, folder: Path, out: Path, *, concurrency: int = 8,
             client: RetryingClient = clients.client
             return client.classify([path])[0]
 
-        return run_each(todo, classify, output, concurrency)
+        answered = run_each(todo, classify, concurrency,
+                            lambda path, answer: output.write(row(path, answer)), output.fail)
+        return answered, output.failures
 
 
-def run_each(todo: list[Path], classify: Callable[[Path], dict[str, Any]], output: Output,
-             concurrency: int) -> tuple[int, int]:
-    answered = 0
+def detect_folder(url: str, folder: Path, out: Path, info: dict[str, Any], *,
+                  concurrency: int = 8, api_key: str | None = None,
+                  options: DetectOptions = DetectOptions()) -> tuple[int, int]:
+    """Every image under `folder`, one request each; COCO results in `out` (classifier_client/
+    coco.py), written whole at the end of the run. (answered, failed)."""
+    check_out(out)
+    paths = images_in(folder)
+    ids = image_ids(paths, folder)
+    answered: list[Answered] = []
+    clients: list[DetectorClient] = []
+    local = threading.local()
+
+    def detect(path: Path) -> dict[str, Any]:
+        if not hasattr(local, "client"):  # one HTTP client (connection pool) per thread
+            local.client = DetectorClient(url, api_key=api_key)
+            clients.append(local.client)
+        client: DetectorClient = local.client
+        return client.detect([path], options)[0]
+
+    with Failures(out) as failures:
+        try:
+            run_each(paths, detect, concurrency,
+                     lambda path, answer: answered.append(Answered(*ids[path], answer)),
+                     failures.fail)
+        finally:
+            for client in clients:
+                client.close()
+    thresholds = {**info.get("detection", {}), **{k: v for k, v in vars(options).items()
+                                                   if v is not None}}
+    write_coco(out, answered, info["labels"],
+               {"model": info["tag"], "folder": str(folder), "thresholds": thresholds})
+    return len(answered), failures.count
+
+
+def run_each(todo: list[Path], call: Callable[[Path], dict[str, Any]], concurrency: int,
+             answered: Callable[[Path, dict[str, Any]], None],
+             failed: Callable[[Path, str], None]) -> int:
+    """`call` on each path, `concurrency` at a time, with a progress bar; each answer to
+    `answered`, each failure (this file only) to `failed`. Returns how many were answered."""
+    count = 0
     with ThreadPoolExecutor(concurrency) as pool, tqdm(total=len(todo), unit="img") as bar:
-        futures = {pool.submit(classify, path): path for path in todo}
+        futures = {pool.submit(call, path): path for path in todo}
         for future in as_completed(futures):
             path = futures[future]
             try:
-                output.write(row(path, future.result()))
-                answered += 1
+                answered(path, future.result())
+                count += 1
             except (BentoMLException, httpx.HTTPError, OSError) as exc:  # this file only
-                output.fail(path, reason_of(exc))
+                failed(path, reason_of(exc))
             bar.update()
-    return answered, output.failures
+    return count
 
 
 def reason_of(exc: Exception) -> str:

@@ -1,6 +1,10 @@
 """Retries for the answers that mean "not now": 429 (a worker's concurrency limit) and 503 (the
 batcher cannot keep its latency bound). Exponential backoff with jitter, so that clients refused
-together do not come back together. Everything else, a 4xx for bad input included, is raised."""
+together do not come back together. Everything else, a 4xx for bad input included, is raised.
+
+One policy for both ways this package calls the service: BentoML's client (which raises
+`BentoMLException`) and plain httpx (`httpx.HTTPStatusError`, for what BentoML's client cannot
+send, such as /detect's threshold fields)."""
 
 from __future__ import annotations
 
@@ -11,10 +15,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import bentoml
+import httpx
 from bentoml.exceptions import BentoMLException
 
 T = TypeVar("T")
 RETRYABLE = frozenset({429, 503})
+
+
+def status_of(exc: BentoMLException | httpx.HTTPStatusError) -> int:
+    """The HTTP status a refusal carries, whichever client raised it."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code
+    return exc.error_code.value if exc.error_code else 500
 
 
 def call_with_retries(
@@ -28,9 +40,8 @@ def call_with_retries(
     for attempt in range(attempts):
         try:
             return call()
-        except BentoMLException as exc:
-            status = exc.error_code.value if exc.error_code else 500
-            if status not in RETRYABLE or attempt == attempts - 1:
+        except (BentoMLException, httpx.HTTPStatusError) as exc:
+            if status_of(exc) not in RETRYABLE or attempt == attempts - 1:
                 raise
             delay = min(max_delay_s, first_delay_s * 2**attempt)
             sleep(random.uniform(delay / 2, delay))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+import httpx
 import pytest
 from bentoml.exceptions import BentoMLException
 
@@ -50,3 +51,22 @@ def test_the_last_refusal_is_raised_when_attempts_run_out() -> None:
     with pytest.raises(BentoMLException) as caught:
         call_with_retries(flaky([503] * 5), attempts=3, sleep=lambda _: None)
     assert caught.value.error_code == HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def test_plain_http_refusals_follow_the_same_policy() -> None:
+    """httpx's errors (the detector's client) are retried on 429 and 503 only, like BentoML's."""
+    request = httpx.Request("POST", "http://service/detect")
+    remaining = [429, 503]
+
+    def call() -> str:
+        if remaining:
+            response = httpx.Response(remaining.pop(0), request=request)
+            raise httpx.HTTPStatusError("busy", request=request, response=response)
+        return "ok"
+
+    pauses: list[float] = []
+    assert call_with_retries(call, sleep=pauses.append) == "ok" and len(pauses) == 2
+    refused = httpx.Response(422, request=request)
+    with pytest.raises(httpx.HTTPStatusError):
+        call_with_retries(lambda: refused.raise_for_status(), sleep=pauses.append)
+    assert len(pauses) == 2, "a 422 is not retried"
