@@ -56,7 +56,8 @@ class InputSpec(BaseModel):
 
 class GraphSpec(BaseModel):
     """The graph's input and output names. A classifier answers `probabilities` (N, K); a
-    detector `boxes` (N, A, 4) and `scores` (N, A, K); both `features` (N, feature_dim)."""
+    detector `boxes` (N, A, 4) and `scores` (N, A, K); both `features` (N, feature_dim). The
+    batch axis is dynamic unless `batch_size` fixes it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,6 +68,10 @@ class GraphSpec(BaseModel):
     features_name: str = "features"
     feature_dim: int = Field(gt=0)
     opset: int | None = None
+    # The one batch size the graph takes, where it was exported for a fixed one (torchvision's
+    # detectors: 1): serving/runtime.py runs a batch in pieces of that size. None (any batch) is
+    # left out of card.json, so cards of dynamic-batch graphs read as before.
+    batch_size: int | None = Field(default=None, gt=0, exclude_if=lambda value: value is None)
 
 
 class Parity(BaseModel):
@@ -280,7 +285,7 @@ class ModelCard(BaseModel):
         """
         directory = Path(directory)
         fix = (f"Re-export the model (`python -m train_export`, or `bentoml models delete {tag}` "
-               "and export it again), or point image_classifier.model.tag at a healthy version.")
+               "and export it again), or point the service's model.tag at a healthy version.")
         for name, expected in self.files.items():
             path = directory / name
             if not path.is_file():

@@ -38,7 +38,8 @@ def choose_providers(
 
 class OnnxRuntime:
     """Runs uint8 NHWC batches and returns the graph's outputs as float32 arrays: by default
-    (probabilities, features), a classifier's; `output_names` chooses others (a detector's)."""
+    (probabilities, features), a classifier's; `output_names` chooses others (a detector's).
+    A graph whose card fixes its batch size (`graph.batch_size`) is run a piece at a time."""
 
     def __init__(
         self,
@@ -72,7 +73,23 @@ class OnnxRuntime:
         return self.providers[0]
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The outputs named by `output_names`, in that order."""
+        """The outputs named by `output_names`, in that order, for a batch of any size."""
+        size = self.graph.batch_size
+        if size is None or len(pixels) == size:
+            return self._run(pixels)
+        # A graph exported for a fixed batch (torchvision's detectors: 1): one call per piece of
+        # that size, the last one padded with blank rows, and the rows stacked again.
+        pieces = []
+        for start in range(0, len(pixels), size):
+            piece = pixels[start:start + size]
+            rows = len(piece)
+            if rows < size:
+                piece = np.concatenate([piece, np.zeros((size - rows, *piece.shape[1:]),
+                                                        piece.dtype)])
+            pieces.append(tuple(output[:rows] for output in self._run(piece)))
+        return tuple(np.concatenate(outputs) for outputs in zip(*pieces))
+
+    def _run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(self.output_names, {self.graph.input_name: pixels}))
 
     def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,6 +10,9 @@
 Either way the model is exported to ONNX and TorchScript graphs that need none of its code,
 checked for parity, and stored with its labels, input spec and lineage through the same path as
 our own exports (store.export_and_store).
+
+`--task detection` (import-pickle, import-torchvision): a detector instead, DETR-style or
+torchvision-style; train_export/detection/imports.py.
 """
 
 from __future__ import annotations
@@ -58,10 +61,14 @@ def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
                             "features, for drift detection (default: the class scores)")
     else:
         parser.add_argument("--architecture", required=True,
-                            help="a torchvision.models classifier, e.g. resnet18")
+                            help="a torchvision.models classifier, e.g. resnet18; with --task "
+                            "detection a torchvision.models.detection architecture, e.g. "
+                            "fasterrcnn_mobilenet_v3_large_320_fpn")
         parser.add_argument("--checkpoint", type=Path, required=True,
                             help="its state_dict (also accepted: a dict holding it under "
                             "'state_dict' or 'model'; a 'module.' prefix is removed)")
+    if command != "import-onnx":
+        detection_options(parser, command)
     parser.add_argument("--labels", type=Path, required=True,
                         help="class names, one per line, in the model's output order")
     parser.add_argument("--name", required=True, help="model name in the BentoML store")
@@ -79,7 +86,39 @@ def parse_args(command: str, argv: list[str]) -> argparse.Namespace:
                         help="max |p_original - p_exported| accepted on the parity images")
     args = parser.parse_args(argv)
     args.command = command
+    if command != "import-onnx" and args.task == "classification":
+        given = [flag for flag, value in (
+            ("--outputs", getattr(args, "outputs", "auto") != "auto"), ("--fill", args.fill),
+            ("--parity-threshold", args.parity_threshold), ("--data", args.data)) if value]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --task detection")
     return args
+
+
+def detection_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """--task detection and the options only a detector takes."""
+    parser.add_argument("--task", choices=["classification", "detection"],
+                        default="classification",
+                        help="detection: the model is a detector (docs/detection.md, 'Bring your "
+                        "own detector')")
+    group = parser.add_argument_group("--task detection")
+    if command == "import-pickle":
+        group.add_argument("--outputs", choices=["auto", "detr", "torchvision"], default="auto",
+                           help="what the model answers: detr (logits (N, Q, classes + 1) and "
+                           "pred_boxes (N, Q, 4), normalized cx, cy, w, h) or torchvision (one "
+                           "dict per image: boxes in input pixels, scores, labels); auto: "
+                           "whichever a test batch shows. --model may also be a Hugging Face "
+                           "save_pretrained folder")
+    group.add_argument("--fill", type=int, nargs=3, metavar=("R", "G", "B"),
+                       help="the letterbox's padding colour (default: the mean colour, which "
+                       "normalizes to 0, as DETR and torchvision pad their batches)")
+    group.add_argument("--parity-threshold", type=float,
+                       help="the confidence threshold parity is checked at (default: the one "
+                       "that keeps about 10 of the model's own detections per parity image)")
+    group.add_argument("--data", type=Path,
+                       help="a folder of images (any depth, e.g. an ImageFolder): their "
+                       "features become the drift reference; without it the model is served "
+                       "with no drift reference")
 
 
 def input_spec(args: argparse.Namespace, known: dict[str, Any] | None = None) -> InputSpec:
@@ -136,15 +175,21 @@ def load_pickled(path: Path, code_paths: list[Path]) -> nn.Module:
     return model.eval()
 
 
-def load_torchvision(architecture: str, checkpoint: Path, classes: int) -> nn.Module:
-    from .models import build_model
-
-    model = build_model(architecture, classes, in_channels=3)
+def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's state_dict: the file itself, or a dict holding it under 'state_dict' or
+    'model'; a DataParallel 'module.' prefix removed."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_torchvision(architecture: str, checkpoint: Path, classes: int) -> nn.Module:
+    from .models import build_model
+
+    model = build_model(architecture, classes, in_channels=3)
+    state = read_state_dict(checkpoint)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -154,6 +199,10 @@ def load_torchvision(architecture: str, checkpoint: Path, classes: int) -> nn.Mo
 
 
 def import_model(args: argparse.Namespace) -> str:
+    if args.task == "detection":
+        from .detection.imports import import_detector
+
+        return import_detector(args)
     started = time.perf_counter()
     labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
     spec = input_spec(args)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.contract import ONNX_FILE, ModelCard
+from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard
 from serving.runtime import OnnxRuntime, choose_providers
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -37,3 +37,66 @@ def test_stored_graph_runs_any_batch_size(model_dir: Path, batch: int) -> None:
     assert probabilities.shape == (batch, len(card.labels))
     assert features.shape == (batch, card.graph.feature_dim)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def channel_stats_graph(path: Path, batch: int | str, shape: tuple[int, int, int]) -> Path:
+    """A graph of uint8 pixels -> per row, the mean and the max of each channel
+    (`probabilities`, `features`); for `batch` rows only where it is a number (as torchvision's
+    detectors export), any where it is a name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["probabilities"], axes=[1, 2], keepdims=0),
+             helper.make_node("ReduceMax", ["x"], ["features"], axes=[1, 2], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "fixed_batch",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [batch, *shape])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, shape[2]])
+         for name in ("probabilities", "features")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9  # ONNX Runtime 1.31 reads up to 13
+    onnx.save(model, str(path))
+    return path
+
+
+def stats_runtime(tmp_path: Path, graph_batch: int | str, card_batch: int | None
+                  ) -> OnnxRuntime:
+    spec = InputSpec(height=4, width=5, channels=3, color_mode="RGB", mean=(0, 0, 0),
+                     std=(1, 1, 1))
+    path = channel_stats_graph(tmp_path / ONNX_FILE, graph_batch, spec.shape)
+    return OnnxRuntime(path, spec, GraphSpec(feature_dim=3, batch_size=card_batch),
+                       providers=["cpu"])
+
+
+@pytest.mark.parametrize(("graph_batch", "batch"), [(1, 1), (1, 5), (2, 1), (2, 5), (2, 6)])
+def test_a_fixed_batch_graph_answers_any_batch_a_piece_at_a_time(
+        tmp_path: Path, graph_batch: int, batch: int) -> None:
+    runtime = stats_runtime(tmp_path, graph_batch, graph_batch)  # warms up with 1 row
+    pixels = np.random.default_rng(batch).integers(0, 256, (batch, 4, 5, 3), dtype=np.uint8)
+    means, maxima = runtime.run(pixels)
+    assert means.shape == (batch, 3) and maxima.shape == (batch, 3)
+    np.testing.assert_allclose(means, pixels.mean(axis=(1, 2)), rtol=1e-5,
+                               err_msg="rows came back out of order, or from a padding row")
+    np.testing.assert_array_equal(maxima, pixels.max(axis=(1, 2)))
+
+
+def test_a_fixed_batch_graph_without_its_batch_size_in_the_card_fails(tmp_path: Path) -> None:
+    """What the card's graph.batch_size is for: ONNX Runtime refuses any other batch."""
+    with pytest.raises(Exception, match="(?i)invalid dimensions|got invalid"):
+        stats_runtime(tmp_path, graph_batch=2, card_batch=None)  # the 1-row warm-up
+
+
+def test_a_dynamic_graph_still_runs_in_one_call(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = stats_runtime(tmp_path, graph_batch="batch", card_batch=None)
+    calls: list[int] = []
+    session_run = runtime.session.run
+
+    def counted(names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        calls.append(len(feed["pixels"]))
+        return session_run(names, feed)
+
+    monkeypatch.setattr(runtime.session, "run", counted)
+    runtime.run(np.zeros((3, 4, 5, 3), dtype=np.uint8))
+    assert calls == [3], "a graph with a dynamic batch axis runs a batch in one call"
