@@ -366,6 +366,33 @@ def test_served_detections_equal_the_models_own(
     assert comparison.max_score_diff <= SCORE_TOLERANCE, comparison
 
 
+def test_data_gives_an_imported_detector_its_drift_reference(user_repo: Path, tmp_path: Path,
+                                                              ) -> None:
+    """--data DIR: the served graph's features of the images under DIR (any depth; what is not
+    an image is left out) become the card's drift reference."""
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    for i, scene in enumerate(heldout_scenes(12, seed=2)):
+        Image.fromarray(scene.image).save(data / ("nested" if i % 2 else "") / f"s{i}.png")
+    (data / "notes.png").write_bytes(b"not an image")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    result = python("-m", "train_export", *pickled("detr.pt")(user_repo, tmp_path),
+                    "--labels", str(labels), "--name", "byo-with-data", "--data", str(data),
+                    timeout=900)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["drift_reference"] is True
+    stored = python("-c", "import bentoml, json, numpy; m = bentoml.models.get("
+                    f"{report['tag']!r}); card = json.load(open(m.path_of('card.json'))); "
+                    "features = numpy.load(m.path_of(card['drift_reference']['file'])); "
+                    "print(json.dumps([card['drift_reference'], list(features.shape)]))")
+    assert stored.returncode == 0, stored.stderr
+    reference, shape = json.loads(stored.stdout.strip().splitlines()[-1])
+    assert reference["samples"] == 12 and shape[0] == 12, (reference, shape)
+    assert str(data) in reference["source"]
+
+
 def keeping(found: list[Detections], per_image: int) -> float:
     """A threshold (4 decimals) that keeps about `per_image` of these detections per image: a
     random model's scores sit wherever its weights put them."""
