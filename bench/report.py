@@ -14,6 +14,17 @@ SERVERS = {"bentoml": "this project (BentoML)", "fastapi": "FastAPI, one at a ti
            "litserve": "LitServe, batching"}
 
 
+
+def batch_table_header(sizes: list) -> list[str]:
+    """The head of a table of images/s by batch size."""
+    return ["| setting | " + " | ".join(f"b={b}" for b in sizes) + " |",
+            "|---|" + "---|" * len(sizes)]
+
+
+def batch_row(label: str, by_batch: dict) -> str:
+    """One row of images/s by batch size, as measured (keys in the header's order)."""
+    return f"| {label} | " + " | ".join(f"{by_batch[b]:.0f}" for b in by_batch) + " |"
+
 def machine() -> dict:
     cpu = "unknown"
     if Path("/proc/cpuinfo").exists():
@@ -315,14 +326,11 @@ def detector_section(key: str, entry: dict) -> list[str]:
         "uses the last row: decode + letterbox, runtime and post-processing are work the server "
         "must do per upload, so the runtime alone is a ceiling no server reaches:",
         "",
-        "| setting | " + " | ".join(f"b={b}" for b in sizes) + " |",
-        "|---|" + "---|" * len(sizes),
-        f"| runtime alone, {layout} | "
-        + " | ".join(f"{entry['runtime_service_threads'][b]:.0f}" for b in sizes) + " |",
-        "| runtime alone, 1 process, all cores | "
-        + " | ".join(f"{entry['runtime_all_threads'][b]:.0f}" for b in sizes) + " |",
-        f"| decode + letterbox + runtime + post-processing, {layout} | "
-        + " | ".join(f"{entry['pipeline_service_threads'][b]:.0f}" for b in sizes) + " |",
+        *batch_table_header(sizes),
+        batch_row(f"runtime alone, {layout}", entry["runtime_service_threads"]),
+        batch_row("runtime alone, 1 process, all cores", entry["runtime_all_threads"]),
+        batch_row(f"decode + letterbox + runtime + post-processing, {layout}",
+                  entry["pipeline_service_threads"]),
         "",
         f"One upload on one core: decode + letterbox {stages['decode_ms']:.2f} ms (PNG; the "
         f"same scene as a {upload['jpeg_bytes'] / 1000:.1f} kB JPEG: "
@@ -388,12 +396,10 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
             "",
             "Runtime ceiling, in-process ONNX Runtime, no HTTP (images/s by batch size):",
             "",
-            "| setting | " + " | ".join(f"b={b}" for b in sizes) + " |",
-            "|---|" + "---|" * len(sizes),
-            f"| {svc['workers']} processes x {svc['intra_op_threads']} thread (as served) | "
-            + " | ".join(f"{entry['runtime_service_threads'][b]:.0f}" for b in sizes) + " |",
-            "| 1 process, all cores | "
-            + " | ".join(f"{entry['runtime_all_threads'][b]:.0f}" for b in sizes) + " |",
+            *batch_table_header(sizes),
+            batch_row(f"{svc['workers']} processes x {svc['intra_op_threads']} thread "
+                      "(as served)", entry["runtime_service_threads"]),
+            batch_row("1 process, all cores", entry["runtime_all_threads"]),
             "",
             "Decode + preprocess alone (one core): " + ", ".join(
                 f"{fmt.upper()} {ms:.2f} ms" for fmt, ms in entry["decode_ms"].items()) + ".",
