@@ -1,11 +1,15 @@
 """Admission: what happens to a request before BentoML parses it, and to every refusal after.
 
 An ASGI middleware in front of the API routes. In order, each check cheaper than what it guards:
-API key (401) -> route's Content-Type (415) -> declared body size (413) -> requests in flight in
-this worker (429 + Retry-After) -> then, while BentoML parses and the batcher runs: body size while
-streaming (413) and the request timeout (504). Every refusal, ours or BentoML's (its 400 for a
-validation error, the batcher's 503), leaves as `{"error": <code>, "detail": <what to fix>}` with
-the code's status (serving/errors.py) and is counted in `image_classifier_rejected_requests_total`.
+API key (401) -> method (405) -> route's Content-Type (415) -> declared body size (413) ->
+requests in flight in this worker (429 + Retry-After) -> then, while BentoML parses and the
+batcher runs: body size while streaming (413) and the request timeout (504). Every refusal, ours
+or BentoML's (its 400 for a validation error, the batcher's 503), leaves as `{"error": <code>,
+"detail": <what to fix>}` with the code's status (serving/errors.py) and is counted in
+`image_classifier_rejected_requests_total`.
+The other routes' 4xx answers take the same shape: another method (405), an unknown path (404),
+and the job routes (`<task route>/status|get|retry|cancel`: a missing or unknown task id, a job
+not done yet, a cancel, which BentoML does not support).
 
 Why our own concurrency limit and timeout rather than BentoML's `traffic.max_concurrency` and
 `traffic.timeout`: BentoML's middlewares sit outside user middlewares, answer in their own format,
@@ -22,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs
 
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
@@ -42,6 +47,50 @@ class Route:
     timed: bool = True
 
 
+@dataclass(frozen=True)
+class JobRoute:
+    """A route about one job of a task (`<route>/status`, `/get`, `/retry`, `/cancel`): its
+    method, and the route that submits jobs, for error messages."""
+
+    method: str
+    submit: str
+    how_to_send: str  # what the job's submit takes, for a stored refusal of its body
+
+    def refusal(self, scope: Scope) -> tuple[str, str, Headers] | None:
+        """Refused before BentoML: another method, no task id, or a cancel (BentoML 1.4.39
+        answers 400 to every cancel, after marking the job cancelled although it runs on)."""
+        path, task_id = scope["path"], task_id_of(scope)
+        if scope["method"] != self.method and (scope["method"], self.method) != ("HEAD", "GET"):
+            return ("method_not_allowed", f"{path} takes {self.method}, not {scope['method']}",
+                    [(b"allow", self.method.encode())])
+        if not task_id:
+            return ("missing_input", f"task_id is required: {self.method} "
+                    f"{path}?task_id=<the task_id that POST {self.submit} answered>", [])
+        if path.endswith("/cancel"):
+            return ("cancel_not_supported",
+                    f"a job cannot be cancelled: it runs to its end; poll "
+                    f"{path.removesuffix('/cancel')}/status and ignore its result", [])
+        return None
+
+
+def task_id_of(scope: Scope) -> str:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return str((query.get("task_id") or [""])[0]).strip()
+
+
+def job_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str]
+               ) -> dict[str, JobRoute]:
+    """The job routes BentoML adds for each task (`@bentoml.task`) of the service."""
+    routes = {}
+    for api in apis.values():
+        if api.is_task:
+            for name, method in (("status", "GET"), ("get", "GET"), ("retry", "POST"),
+                                 ("cancel", "PUT")):
+                routes[f"{api.route}/{name}"] = JobRoute(method, f"{api.route}/submit",
+                                                         how_to_send(api))
+    return routes
+
+
 def admission_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str]
                      ) -> dict[str, Route]:
     """The service's API routes (BentoML APIMethods by name), each with what to send
@@ -56,6 +105,16 @@ def admission_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str]
     return routes
 
 
+def split_public_paths(public_paths: list[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """security.public_paths as exact paths and prefixes (the entries ending in '/', but '/')."""
+    return (frozenset(p for p in public_paths if not p.endswith("/") or p == "/"),
+            tuple(p for p in public_paths if p.endswith("/") and p != "/"))
+
+
+def is_public_path(path: str, exact: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+    return path in exact or path.startswith(prefixes)
+
+
 class Admission:
     def __init__(
         self,
@@ -66,28 +125,38 @@ class Admission:
         public_paths: list[str],
         api_key: str | None,
         limits_key: str = "limits",
+        jobs: dict[str, JobRoute] | None = None,
     ) -> None:
         self.app = app
         self.routes = routes
+        self.jobs = jobs or {}
         self.limits = limits
         self.limits_key = limits_key  # where the limits live in configuration.yaml, for messages
-        self.public_exact = frozenset(p for p in public_paths if not p.endswith("/") or p == "/")
-        self.public_prefixes = tuple(p for p in public_paths if p.endswith("/") and p != "/")
+        self.public_exact, self.public_prefixes = split_public_paths(public_paths)
         self.api_key = api_key.encode() if api_key else None
         self.in_flight = 0  # one event loop per worker process: a plain counter is enough
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         # CORS preflights carry no credentials and reach no model: BentoML's CORS middleware
         # (inside this one) answers them.
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self._is_public(scope):
-            return await self.app(scope, receive, send)
+        if scope["method"] == "OPTIONS" or self._is_public(scope):
+            return await self.app(scope, receive, ErrorAnswers(send, scope).send)
         if self.api_key is not None and not self._has_api_key(scope):
             return await refuse(send, "unauthorized",
                                 "this endpoint needs the API key: send `Authorization: Bearer "
                                 "<key>`", [(b"www-authenticate", b"Bearer")])
         route = self.routes.get(scope["path"])
-        if route is None:  # not an API route: Starlette answers (404, 405, docs assets)
-            return await self.app(scope, receive, send)
+        if route is None:  # a job route, or not an API route (404, 405, docs assets)
+            job = self.jobs.get(scope["path"])
+            if job is not None and (job_refusal := job.refusal(scope)):
+                return await refuse(send, *job_refusal)
+            return await self.app(scope, receive, ErrorAnswers(send, scope, job).send)
+        if scope["method"] != "POST":
+            return await refuse(send, "method_not_allowed",
+                                f"{scope['path']} takes POST with {route.how_to_send}",
+                                [(b"allow", b"POST")])
         if refusal := self._check_headers(scope, route):
             return await refuse(send, *refusal)
         if self.in_flight >= self.limits.max_concurrency:
@@ -119,8 +188,7 @@ class Admission:
                          "input is slow to process: retry later or send smaller images")
 
     def _is_public(self, scope: Scope) -> bool:
-        path = scope["path"]
-        return path in self.public_exact or path.startswith(self.public_prefixes)
+        return is_public_path(scope["path"], self.public_exact, self.public_prefixes)
 
     def _has_api_key(self, scope: Scope) -> bool:
         scheme, _, token = header(scope, b"authorization").partition(" ")
@@ -145,6 +213,86 @@ class Admission:
 
     def _retry_after(self) -> Headers:
         return [(b"retry-after", str(self.limits.retry_after_s).encode())]
+
+
+class ErrorAnswers:
+    """The 4xx answers of every route that is not an API route, as `{"error", "detail"}`:
+    Starlette's plain-text 404 and 405, BentoML's `{"error": ...}` on the job routes (an unknown
+    task id, a job not done). 5xx answers pass unchanged (/readyz's 503 is its answer)."""
+
+    def __init__(self, send: Send, scope: Scope, job: JobRoute | None = None) -> None:
+        self._send, self.scope, self.job = send, scope, job
+        self._held: Message | None = None
+        self._held_body = b""
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+            self._held = message
+            return
+        if self._held is None or message["type"] != "http.response.body":
+            return await self._send(message)
+        self._held_body += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        status, body = self._held["status"], self._held_body
+        if is_error_body(body):  # ours already: a failed job's stored answer
+            await self._send(self._held)
+            return await self._send({"type": "http.response.body", "body": body})
+        code, detail = self._reshape(status, body)
+        allow = [(k, v) for k, v in self._held.get("headers", []) if k.lower() == b"allow"]
+        await refuse(self._send, code, detail, allow, status if code not in STATUS else None)
+
+    def _reshape(self, status: int, body: bytes) -> tuple[str, str]:
+        path, method = self.scope["path"], self.scope["method"]
+        if self.job is not None and status == HTTPStatus.NOT_FOUND:
+            return ("unknown_task", f"no job {task_id_of(self.scope)!r}: use the task_id that "
+                    f"POST {self.job.submit} answered (a job is kept 24 h after it ends)")
+        document = _json_or_none(body)
+        if self.job is not None and isinstance(document, dict) and \
+                isinstance(document.get("detail"), list):  # a job whose body was refused
+            return from_bentoml_validation(document, self.job.how_to_send)
+        if self.job is not None and "not completed" in reason_of(body):
+            return ("job_not_done", f"job {task_id_of(self.scope)} is still running: poll "
+                    f"{path.rsplit('/', 1)[0]}/status until it is completed or failed")
+        if status == HTTPStatus.NOT_FOUND:
+            return ("not_found", f"no route {path}: the API is described at /docs.json, and "
+                    "shown at /")
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            allow = next((v.decode("latin-1") for k, v in self._held.get("headers", [])
+                          if k.lower() == b"allow"), "") if self._held else ""
+            return ("method_not_allowed", f"{path} does not take {method}"
+                    + (f"; it takes {allow}" if allow else ""))
+        return status_code_name(status), reason_of(body)
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def is_error_body(body: bytes) -> bool:
+    """`{"error": <code>, "detail": <text>}`: ours."""
+    document = _json_or_none(body)
+    return (isinstance(document, dict) and set(document) == {"error", "detail"}
+            and all(isinstance(v, str) for v in document.values()))
+
+
+def reason_of(body: bytes) -> str:
+    """The reason in an answer that is not ours: BentoML's `{"error": ...}` (or a list of
+    one), else the text."""
+    document = _json_or_none(body)
+    if isinstance(document, list) and document and isinstance(document[0], dict):
+        document = document[0]  # BentoML's body for a BentoMLException below 500
+    if isinstance(document, dict) and "error" in document:
+        return str(document["error"])
+    return body.decode(errors="replace")
+
+
+def status_code_name(status: int) -> str:
+    """An answer's status as a code: 404 -> "not_found"."""
+    return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
 
 
 class Exchange:
@@ -191,8 +339,6 @@ class Exchange:
         if self.too_large:
             return ("request_too_large", body_too_large(f"over {self.max_bytes} bytes",
                                                         self.max_bytes, self.limits_key), [])
-        if status == HTTPStatus.METHOD_NOT_ALLOWED:
-            return ("method_not_allowed", f"use POST with {self.route.how_to_send}", [])
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             return ("overloaded",
                     "the batcher cannot answer within batching.max_latency_ms at the current "
@@ -203,14 +349,9 @@ class Exchange:
             document = None
         if status == HTTPStatus.BAD_REQUEST and isinstance(document, dict) and "detail" in document:
             return (*from_bentoml_validation(document, self.route.how_to_send), [])
-        if isinstance(document, list) and document and isinstance(document[0], dict):
-            document = document[0]  # BentoML's body for a BentoMLException below 500
-        reason = (document.get("error") if isinstance(document, dict)
-                  else body.decode(errors="replace"))
-        # Anything else keeps its status, named by it ("method_not_allowed"); a 500 stays a 500:
-        # a bug to fix, not to hide.
-        return (HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_"),
-                str(reason), [])
+        # Anything else keeps its status, named by it; a 500 stays a 500: a bug to fix, not to
+        # hide.
+        return status_code_name(status), reason_of(body), []
 
 
 async def refuse(

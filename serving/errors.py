@@ -14,14 +14,21 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError
 
-# code -> status. 400: the bytes are not what they claim (undecodable image, invalid JSON);
-# 413: over a configured limit; 415: wrong Content-Type for the route; 422: well-formed but not
-# what the model takes (shape, range, missing field).
+# code -> status. 400: the bytes are not what they claim (undecodable image, invalid JSON,
+# malformed multipart); 404/405: no such route, or not with this method (every route, Starlette's
+# answers included); 409: the job is not done yet; 413: over a configured limit; 415: wrong
+# Content-Type for the route; 422: well-formed but not what the model takes (shape, range,
+# missing or unexpected field).
 STATUS: dict[str, HTTPStatus] = {
     "invalid_image": HTTPStatus.BAD_REQUEST,
     "invalid_json": HTTPStatus.BAD_REQUEST,
     "invalid_multipart": HTTPStatus.BAD_REQUEST,
+    "cancel_not_supported": HTTPStatus.BAD_REQUEST,
     "unauthorized": HTTPStatus.UNAUTHORIZED,
+    "not_found": HTTPStatus.NOT_FOUND,
+    "unknown_task": HTTPStatus.NOT_FOUND,
+    "method_not_allowed": HTTPStatus.METHOD_NOT_ALLOWED,
+    "job_not_done": HTTPStatus.CONFLICT,
     "request_too_large": HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     "image_too_large": HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     "too_many_images": HTTPStatus.REQUEST_ENTITY_TOO_LARGE,

@@ -5,9 +5,11 @@ downloads it on the server, reading the whole response into memory: a way to mak
 fetch anything public, without a size limit, and a 500 when the text is not a URL. The service
 replaces that parser with one that refuses text in file fields with a 422 saying how to send a file.
 
-Both parsers here also keep a request's *options*: the text fields of a form that are not API
-parameters (a detector's `confidence_threshold` beside its `images`), and for an endpoint that
-declares options (`RequestOptions` in its input's metadata) the JSON keys beside its input. They
+Both parsers here also keep a request's *options*, for an endpoint that declares them
+(`RequestOptions` in its input's metadata): the text fields of a form under those names (a
+detector's `confidence_threshold` beside its `images`), and the JSON keys beside its input. A
+form part under any other name, file or text, is refused by its name; so is a body cut before
+its closing boundary (docs/limits-and-security.md#multipart-forms). They
 are left on the request (`request_fields`) for the endpoint's validators: BentoML's batchable
 APIs take exactly one parameter, the batch, so per-request options cannot be parameters.
 """
@@ -15,6 +17,7 @@ APIs take exactly one parameter, the batch, so per-request options cannot be par
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +25,9 @@ from _bentoml_impl import serde
 from _bentoml_sdk.typing_utils import is_list_type, is_union_type
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from .errors import RejectedInput, as_validation_error
@@ -88,15 +92,62 @@ def _keep_fields(request: Request, fields: dict[str, Any]) -> None:
     request.scope.setdefault("state", {})[REQUEST_FIELDS] = fields
 
 
-class FilesOnlyMultipartSerde(serde.MultipartSerde):  # type: ignore[misc]  # untyped in BentoML
-    async def parse_request(self, request: Request, cls: type[Any]) -> Any:
+class _CheckedMultiPartParser(MultiPartParser):
+    """Starlette's parser, which also notes whether the body reached its closing boundary: a
+    body cut short otherwise loses its last part silently (one image fewer answered)."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
+async def read_form(request: Request) -> FormData:
+    """The request's form; a body that is not a complete multipart form is refused as
+    `invalid_multipart` (Starlette's 400, which BentoML answers as 500), with what is wrong."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":  # url-encoded: text fields only, Starlette's parser
         try:
-            form = await request.form()
-        except HTTPException as exc:  # Starlette's 400 for a malformed body; BentoML answers 500
-            raise _validation_error(MalformedForm(
-                f"the multipart body could not be parsed ({exc.detail}); let your HTTP client "
-                f"build it, e.g. `curl -F images=@digit.png`"
-            )) from None
+            return await request.form()
+        except HTTPException as exc:
+            raise _validation_error(_malformed(str(exc.detail))) from None
+    received = 0
+
+    async def counted() -> AsyncGenerator[bytes, None]:
+        nonlocal received
+        async for chunk in request.stream():
+            received += len(chunk)
+            yield chunk
+
+    parser = _CheckedMultiPartParser(request.headers, counted())
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:  # python-multipart's own reason, when it gave one
+        reason = exc.message if exc.__cause__ is None else \
+            f"{exc.message.rstrip('.')}: {exc.__cause__}"
+        raise _validation_error(_malformed(reason)) from None
+    request._form = form  # as request.form() does: BentoML closes its files after the answer
+    if received and not parser.complete:
+        raise _validation_error(_malformed(
+            "the body ends before its closing boundary, `--<boundary>--`: it was cut short"))
+    return form
+
+
+def _malformed(reason: str) -> MalformedForm:
+    return MalformedForm(f"the multipart body could not be parsed ({reason}); let your HTTP "
+                         "client build it, e.g. `curl -F images=@digit.png`")
+
+
+class FilesOnlyMultipartSerde(serde.MultipartSerde):  # type: ignore[misc]  # untyped in BentoML
+    """Files under the endpoint's file fields, and its declared options as text fields; any
+    other part is refused by its name rather than ignored, so that a misspelt part (a file, or
+    an option such as `confidence_treshold`) never passes unnoticed: `missing_input` when the
+    file field is absent, `unexpected_part` beside it. A field twice is allowed only for files."""
+
+    async def parse_request(self, request: Request, cls: type[Any]) -> Any:
+        form = await read_form(request)
+        options_model = declared_options(cls)
+        option_names = set(options_model.model_fields) if options_model else set()
         data: dict[str, Any] = {}
         options: dict[str, Any] = {}
         unexpected: list[str] = []
@@ -106,22 +157,18 @@ class FilesOnlyMultipartSerde(serde.MultipartSerde):  # type: ignore[misc]  # un
                 files = [await self.ensure_file(v) for v in values]
                 data[key] = files if _is_list_field(cls, key) else files[0]
             elif any(isinstance(v, UploadFile) for v in values):
-                unexpected.append(key)
+                unexpected.append(f"a file part named {key!r}")
+            elif key not in cls.model_fields and key not in option_names:
+                unexpected.append(f"a text field named {key!r}")
+            elif len(values) > 1:
+                raise _validation_error(UnexpectedPart(
+                    f"the form has the text field {key!r} {len(values)} times; send it once"))
             elif key in cls.model_fields:  # a declared non-file field: JSON, or plain text
-                data[key] = _json_or_text(str(values[-1]))
+                data[key] = _json_or_text(str(values[0]))
             else:
-                options[key] = str(values[-1])
-        # A file part under another name is refused by name rather than ignored, so that a
-        # misspelt part never passes unnoticed: `missing_input` when the expected part is absent
-        # (the code a client sees for a form without it), `unexpected_part` beside it.
+                options[key] = str(values[0])
         if unexpected:
-            expected = ", ".join(f"`{f}`" for f in sorted(cls.multipart_fields)) or "no file"
-            missing = sorted(f for f in cls.multipart_fields if f not in data)
-            found = f"the form has a file part named {unexpected[0]!r}; this endpoint takes"
-            raise _validation_error(
-                MissingPart(f"{missing[0]} is required: {found} {expected} (e.g. "
-                            f"`curl -F images=@digit.png`)") if missing else
-                UnexpectedPart(f"{found} {expected} (e.g. `curl -F images=@digit.png`)"))
+            raise _validation_error(_unexpected_parts(cls, data, unexpected, option_names))
         _keep_fields(request, options)
         return cls.model_validate(data)
 
@@ -164,6 +211,22 @@ def _json_or_text(value: str) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+def _unexpected_parts(cls: type[Any], data: dict[str, Any], unexpected: list[str],
+                      option_names: set[str]) -> RejectedInput:
+    """`missing_input` when a file field is absent (the code a client sees for a form without
+    it), `unexpected_part` beside it; both name the part and what the endpoint takes."""
+    takes = "the file part " + (", ".join(f"`{f}`" for f in sorted(cls.multipart_fields))
+                                or "(none)")
+    if option_names:
+        takes += " and the text fields " + ", ".join(f"`{o}`" for o in sorted(option_names))
+    found = f"the form has {unexpected[0]}; this endpoint takes {takes} only"
+    example = "(e.g. `curl -F images=@digit.png`)"
+    missing = sorted(f for f in cls.multipart_fields if f not in data)
+    if missing:
+        return MissingPart(f"{missing[0]} is required: {found} {example}")
+    return UnexpectedPart(f"{found} {example}")
 
 
 def _validation_error(exc: RejectedInput) -> ValidationError:

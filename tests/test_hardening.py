@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -244,14 +245,28 @@ def test_bad_input_reaches_no_runtime_and_crashes_no_worker(server) -> None:
     assert send_valid(server.url).status_code == 200
 
 
-def test_schemathesis_finds_no_server_error(server, tmp_path: Path) -> None:
-    """Property-based fuzzing of every operation in the OpenAPI spec at /docs.json."""
+@pytest.mark.parametrize("which", ["server", "detector_server"])
+def test_schemathesis_finds_no_server_error(which: str, request: pytest.FixtureRequest,
+                                            tmp_path: Path) -> None:
+    """Property-based fuzzing of every operation in the OpenAPI spec at /docs.json, the job
+    routes (`<task>/submit|status|get|retry|cancel`) included: no 5xx, and every 4xx is
+    `{"error", "detail"}` (tests/schemathesis_checks.py)."""
+    running = request.getfixturevalue(which)
+    spec = httpx.get(f"{running.url}/docs.json", timeout=30).json()
+    task = "/classify_batch" if which == "server" else "/detect_batch"
+    job_routes = {f"{task}/{name}" for name in ("submit", "status", "get", "retry", "cancel")}
+    assert job_routes <= set(spec["paths"]), "the spec lists the job routes"
     result = subprocess.run(
-        [str(BIN / "schemathesis"), "run", f"{server.url}/docs.json",
-         "--checks", "not_a_server_error", "--max-examples", "150", "--seed", "4"],
+        [str(BIN / "schemathesis"), "run", f"{running.url}/docs.json",
+         "--checks", "not_a_server_error,error_body_shape", "--max-examples", "150",
+         "--seed", "4"],
         cwd=tmp_path,  # its example database and cache
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_checks",
+             "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert "passed" in result.stdout and "failed" not in summary, result.stdout[-3000:]
+    operations = len(spec["paths"])
+    assert f"Tested: {operations}" in result.stdout, result.stdout[-3000:]
