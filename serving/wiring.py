@@ -8,7 +8,7 @@ from typing import Any
 
 import bentoml
 
-from .admission import Admission, admission_routes, quiet_client_error_tracebacks
+from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
 from .inputs import how_to_send
 from .openapi import described_service
 from .request_log import RequestLog
@@ -29,13 +29,18 @@ def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str
     # `bentoml build` packs the models named by the service's class attributes: one per tag.
     for number, model in enumerate(models.values()):
         setattr(cls, f"model_{number}", model)
+    api_key = settings.api_key()
+    # With a key, the OpenAPI spec declares it, so that the Swagger UI offers "Authorize".
+    secured_except = settings.security.public_paths if api_key else None
     service: bentoml.Service[Any] = bentoml.service(
-        service_class=described_service(description_file, version), **bentoml_config)(cls)
-    install_middlewares(service, settings)
+        service_class=described_service(description_file, version, secured_except),
+        **bentoml_config)(cls)
+    install_middlewares(service, settings, api_key)
     return service
 
 
-def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings) -> None:
+def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings,
+                        api_key: str | None) -> None:
     install_parsers()
     quiet_client_error_tracebacks()
     routes = admission_routes(service.apis, how_to_send)
@@ -46,6 +51,7 @@ def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings
         routes=routes,
         limits=settings.limits,
         public_paths=settings.security.public_paths,
-        api_key=settings.api_key(),
+        api_key=api_key,
         limits_key=settings.where.key("limits"),
+        jobs=job_routes(service.apis, how_to_send),
     )

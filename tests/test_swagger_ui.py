@@ -4,14 +4,17 @@ label (ImageClassifier), or a composed scene and reads its detections (ObjectDet
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -29,9 +32,11 @@ class SwaggerAnswer:
     headings: list[str]  # the description's top-level headings
 
 
-def try_it_out(url: str, operation_id: str, upload: Path, screenshot: Path) -> SwaggerAnswer:
-    """In the Swagger UI at `url`: open the operation, "Try it out", add one file item, upload
-    `upload`, "Execute"; what the page then shows."""
+def try_it_out(url: str, operation_id: str, upload: Path, screenshot: Path,
+               api_key: str | None = None) -> SwaggerAnswer:
+    """In the Swagger UI at `url`: with `api_key`, "Authorize" with it first; open the
+    operation, "Try it out", add one file item, upload `upload`, "Execute"; what the page then
+    shows."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), (
@@ -44,6 +49,8 @@ def try_it_out(url: str, operation_id: str, upload: Path, screenshot: Path) -> S
             page.goto(f"{url}/")
             info = page.locator(".information-container .info")
             info.wait_for()
+            if api_key is not None:
+                authorize(page, api_key)
             operation = page.locator(f"#operations-Service_APIs-{operation_id}")
             operation.locator(".opblock-summary").click()
             operation.get_by_role("button", name="Try it out").click()
@@ -64,12 +71,36 @@ def try_it_out(url: str, operation_id: str, upload: Path, screenshot: Path) -> S
     return answer
 
 
+def authorize(page: Any, api_key: str) -> None:
+    """The "Authorize" dialog of an HTTP bearer scheme: enter the key, authorize, close."""
+    page.locator(".scheme-container button.authorize").click()
+    dialog = page.locator(".dialog-ux .modal-ux")
+    dialog.locator("input").first.fill(api_key)
+    dialog.locator(".auth-btn-wrapper button.authorize").click()
+    dialog.get_by_role("button", name="Close").click()
+
+
 def test_classify_from_the_swagger_ui(server, tmp_path: Path) -> None:
     answer = try_it_out(server.url, "ImageClassifier__classify", EXAMPLE,
                         tmp_path / "swagger.png")
     assert answer.status == "200", answer.body
     assert '"label": "7"' in answer.body
     assert answer.headings[:1] == ["image-classifier"], answer.info  # docs/service.md
+
+
+def test_classify_from_the_swagger_ui_with_an_api_key(trained_model, tmp_path: Path) -> None:
+    """With a key set, the spec declares a bearer scheme: "Authorize" with the key, and "Try it
+    out" gets a 200 (and without it, a 401)."""
+    api_key = secrets.token_urlsafe(24)
+    env = {**os.environ, "IMAGE_CLASSIFIER_API_KEY": api_key}
+    with start_server(["service:ImageClassifier"], cwd=ROOT, log_dir=tmp_path, env=env) as server:
+        refused = try_it_out(server.url, "ImageClassifier__classify", EXAMPLE,
+                             tmp_path / "swagger-no-key.png")
+        answer = try_it_out(server.url, "ImageClassifier__classify", EXAMPLE,
+                            tmp_path / "swagger-key.png", api_key=api_key)
+    assert refused.status.startswith("401") and '"unauthorized"' in refused.body, refused.body
+    assert answer.status == "200", answer.body
+    assert '"label": "7"' in answer.body
 
 
 def test_detect_from_the_swagger_ui(detector_server, trained_detector, tmp_path: Path) -> None:
