@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configuration.yaml"
@@ -74,8 +75,12 @@ SECTION, SERVICE_NAME = CLASSIFIER.section, CLASSIFIER.service
 MODEL_TAG_ENV = CLASSIFIER.model_tag_env
 
 
-class ConfigurationError(RuntimeError):
-    """configuration.yaml is missing or holds a value outside what is allowed."""
+class ConfigurationError(BentoMLException):
+    """configuration.yaml is missing or holds a value outside what is allowed.
+
+    A BentoMLException, so that `bentoml serve` and `bentoml build`, which import the service
+    (and so read the file) before anything else, print it as one line, `Error: [cli] `serve`
+    failed: <message>`, and exit 1, without a Python traceback (BENTOML_DEBUG shows one)."""
 
 
 class _Section(BaseModel):

@@ -161,18 +161,33 @@ def test_exported_bento_serves_in_a_clean_room(built_bento, examples_dir, tmp_pa
     assert response.json()[0]["label"] == example.name.split("_")[1]
 
 
-def test_invalid_configuration_stops_startup_and_names_the_key(trained_model, tmp_path) -> None:
+@pytest.mark.parametrize("service, section, bad, key, allowed", [
+    ("ImageClassifier", "image_classifier", {"model": {"providers": ["gpu"]}},
+     "services.ImageClassifier.image_classifier.model.providers.0",
+     "'tensorrt', 'cuda' or 'cpu' (got 'gpu')"),
+    ("ObjectDetector", "object_detector", {"detection": {"iou_treshold": 0.4}},
+     "services.ObjectDetector.object_detector.detection.iou_treshold",
+     "Extra inputs are not permitted"),
+], ids=["classifier-bad-value", "detector-misspelt-key"])
+def test_invalid_configuration_stops_startup_with_one_message_and_no_traceback(
+        service: str, section: str, bad: dict, key: str, allowed: str, tmp_path) -> None:
+    """`bentoml serve` with a wrong value in $BENTOML_CONFIG: exit 1 and one message that names
+    the key and what is allowed, no Python traceback. (The file is read before the model store,
+    so no trained model is needed.)"""
     document = yaml.safe_load((ROOT / "configuration.yaml").read_text())
-    document["services"]["ImageClassifier"]["image_classifier"]["model"]["providers"] = ["gpu"]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(document))
-    env = {**os.environ, "BENTOML_CONFIG": str(bad)}
+    document["services"].setdefault(service, {}).setdefault(section, {}).update(bad)
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(document))
+    env = {**os.environ, "BENTOML_CONFIG": str(config)}
     result = subprocess.run(
-        [str(BIN / "bentoml"), "serve", "service:ImageClassifier", "--host", "127.0.0.1",
+        [str(BIN / "bentoml"), "serve", f"service:{service}", "--host", "127.0.0.1",
          "--port", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "services.ImageClassifier.image_classifier.model.providers.0" in result.stderr
-    assert "'tensorrt', 'cuda' or 'cpu'" in result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, f"a traceback above the message:\n{output}"
+    problem = next((line for line in result.stderr.splitlines() if key in line), "")
+    assert allowed in problem, f"no line names {key} and {allowed}:\n{output}"
+    assert result.stderr.startswith(f"Error: [serve] `serve` failed: invalid settings in {config}")
 
 
 def test_a_damaged_store_entry_stops_startup_and_names_the_file(trained_model, bentoml_home,
