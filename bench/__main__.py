@@ -127,14 +127,17 @@ def run(args: argparse.Namespace) -> None:
             results["models"][key] = measure_model(key, args, settings, workers, images,
                                                    litserve_config)
 
+    suffix = "-gpu" if args.gpu else ""
+    saved = args.out / "bench" / f"results{suffix}.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    # Saved before the levers, so that a failed lever loses none of the measurements above
+    # (`--levers-only` measures them again into this file).
+    saved.write_text(json.dumps(results, indent=1))
     if args.levers:
         results["levers"], results["profile"] = measure_levers(results["models"], images,
                                                                args.duration)
     results["analysis"] = report.analysis(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench").mkdir(exist_ok=True)
-    suffix = "-gpu" if args.gpu else ""
-    (args.out / "bench" / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
+    saved.write_text(json.dumps(results, indent=1))
     report.write(results, args.out, suffix)
     for name, figure, met in report.targets(results):
         verdict = "-   " if met is None else ("PASS" if met else "MISS")
@@ -295,8 +298,10 @@ LEVERS = [
      {"workers": 2, "image_classifier": {"model": {"intra_op_threads": 2}}}),
     ("access log on", "mobilenet_v3_small", 64, {"logging": {"access": {"enabled": True}}}),
     ("without uvloop and httptools", "mobilenet_v3_small", 64, {}, ("uvloop", "httptools")),
+    # A request's images must fit one batch (serving/settings.py checks it at startup).
     ("max_batch_size 8", "mobilenet_v3_small", 64,
-     {"image_classifier": {"batching": {"max_batch_size": 8}}}),
+     {"image_classifier": {"batching": {"max_batch_size": 8},
+                           "limits": {"max_images_per_request": 8}}}),
     ("max_latency_ms 5000", "mobilenet_v3_small", 64,
      {"image_classifier": {"batching": {"max_latency_ms": 5000}}}),
     ("shipped defaults", "mobilenet_v3_small", 4, {}),
