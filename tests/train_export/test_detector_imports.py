@@ -342,6 +342,7 @@ def test_served_detections_equal_the_models_own(
     result = python("-m", "train_export", *path.command(user_repo, tmp_path),
                     "--labels", str(labels), "--name", f"byo-{path.name}", timeout=900)
     assert result.returncode == 0, result.stderr
+    print(f"\n{path.name}: {result.stdout.strip().splitlines()[-1]}")  # the figures in the docs
     report = json.loads(result.stdout.strip().splitlines()[-1])
     parity = report["parity"]
     assert report["outputs"] == path.outputs
