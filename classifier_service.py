@@ -14,7 +14,7 @@ import); no torch, no torchvision and no training code is imported here.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
@@ -36,6 +36,8 @@ INPUTS = Inputs(DEPLOYMENT, TASK)
 # response to find it (14% of the event loop's time under load, measured with py-spy).
 Predictions = Annotated[list[Prediction], ContentType("application/json")]
 JobResults = Annotated[list[JobItem], ContentType("application/json")]
+# The protocol's answer is written by serving/inference_protocol.py from the tensors per image.
+ProtocolAnswers = Annotated[list[Any], ContentType("application/json")]
 BATCHING = wiring.batching(SETTINGS)
 
 
@@ -59,6 +61,14 @@ class ImageClassifier:
         """Classify already-decoded pixels: JSON numbers 0-255 of shape (N, H, W) or
         (N, H, W, C) at the model's input size (see /model_info)."""
         return self.predictor.predict(pixels)
+
+    @bentoml.api(route=INPUTS.protocol.infer_route, **BATCHING)
+    def infer(self, inputs: INPUTS.protocol_images) -> ProtocolAnswers:
+        """The Open Inference Protocol (KServe v2, Triton): `images` UINT8 [N, H, W, C] (or
+        [N, H, W]) as JSON data or binary tensor data, each image of any size, preprocessed as
+        an upload is. Also at /v2/models/<name>/versions/<version>/infer; the model's tensors:
+        GET /v2/models/<name>. Through the same batcher, limits and metrics as /classify."""
+        return self.predictor.predict_tensors(inputs)
 
     @bentoml.api(route="/model_info")
     def model_info(
@@ -100,4 +110,5 @@ class ImageClassifier:
 
 ImageClassifier = wiring.as_service(
     ImageClassifier, settings=SETTINGS, bentoml_config=BENTOML_SERVICE_CONFIG, models=MODELS,
-    description_file="service.md", version=DEPLOYMENT.served[0].tag)
+    description_file="service.md", version=DEPLOYMENT.served[0].tag,
+    protocol=INPUTS.protocol)

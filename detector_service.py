@@ -12,7 +12,7 @@ per image, mapped back to the upload's pixels; a copy to serving/shadow.py) -> J
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
@@ -39,6 +39,8 @@ INPUTS = Inputs(DEPLOYMENT, TASK)
 # The media type declared: BentoML then does not rebuild the output's JSON schema per response.
 Detections = Annotated[list[DetectionResult], ContentType("application/json")]
 JobResults = Annotated[list[DetectionJobItem], ContentType("application/json")]
+# The protocol's answer is written by serving/inference_protocol.py from the tensors per image.
+ProtocolAnswers = Annotated[list[Any], ContentType("application/json")]
 BATCHING = wiring.batching(SETTINGS)
 
 
@@ -66,6 +68,14 @@ class ObjectDetector:
         size (see /model_info), and optionally the same threshold keys as /detect beside
         `pixels`. Boxes are in the tensor's pixels."""
         return self.predictor.predict(pixels)
+
+    @bentoml.api(route=INPUTS.protocol.infer_route, **BATCHING)
+    def infer(self, inputs: INPUTS.protocol_images) -> ProtocolAnswers:
+        """The Open Inference Protocol (KServe v2, Triton): `images` UINT8 [N, H, W, C] (or
+        [N, H, W]) as JSON data or binary tensor data, each image of any size, preprocessed as
+        an upload is. Also at /v2/models/<name>/versions/<version>/infer; the model's tensors:
+        GET /v2/models/<name>. Through the same batcher, limits and metrics as /detect."""
+        return self.predictor.predict_tensors(inputs)
 
     @bentoml.api(route="/model_info")
     def model_info(
@@ -108,4 +118,5 @@ class ObjectDetector:
 
 ObjectDetector = wiring.as_service(
     ObjectDetector, settings=SETTINGS, bentoml_config=BENTOML_SERVICE_CONFIG, models=MODELS,
-    description_file="service-detector.md", version=DEPLOYMENT.served[0].tag)
+    description_file="service-detector.md", version=DEPLOYMENT.served[0].tag,
+    protocol=INPUTS.protocol)

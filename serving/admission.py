@@ -45,6 +45,9 @@ class Route:
     media_type: str
     how_to_send: str
     timed: bool = True
+    # Other types it takes ("": none given): the protocol's infer route, whose clients send
+    # the binary extension as application/octet-stream, or with no Content-Type at all.
+    also_accepts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,14 +94,16 @@ def job_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str]
     return routes
 
 
-def admission_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str]
+def admission_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str],
+                     also_accepts: Callable[[Any], tuple[str, ...]] = lambda api: ()
                      ) -> dict[str, Route]:
     """The service's API routes (BentoML APIMethods by name), each with what to send
-    (`how_to_send(api)`); a task's job is submitted to `<route>/submit`, and BentoML runs it,
-    after answering, inside the same ASGI call."""
+    (`how_to_send(api)`) and the media types it takes besides its own (`also_accepts(api)`);
+    a task's job is submitted to `<route>/submit`, and BentoML runs it, after answering, inside
+    the same ASGI call."""
     routes = {}
     for api in apis.values():
-        route = Route(api.input_spec.mime_type(), how_to_send(api))
+        route = Route(api.input_spec.mime_type(), how_to_send(api), also_accepts=also_accepts(api))
         routes[api.route] = route
         if api.is_task:
             routes[f"{api.route}/submit"] = Route(route.media_type, route.how_to_send, timed=False)
@@ -201,7 +206,7 @@ class Admission:
         chunked = "chunked" in header(scope, b"transfer-encoding").lower()
         has_body = chunked or (length.isdigit() and int(length) > 0)
         media_type = header(scope, b"content-type").split(";")[0].strip().lower()
-        if has_body and media_type != route.media_type:
+        if has_body and media_type != route.media_type and media_type not in route.also_accepts:
             return ("unsupported_media_type",
                     f"{scope['path']} takes {route.media_type}, not {media_type or 'no type'}: "
                     f"send {route.how_to_send}")

@@ -69,6 +69,9 @@ class Classification:
     def __init__(self, labels: Sequence[str], top_k: int) -> None:
         self.labels = list(labels)
         self.top_k = top_k
+        # The Open Inference Protocol's outputs: every class's probability, and the best label.
+        self.tensor_outputs = [("probabilities", "FP32", (-1, len(self.labels))),
+                               ("label", "BYTES", (-1,))]
 
     @staticmethod
     def output_names(graph: GraphSpec) -> list[str]:
@@ -100,6 +103,14 @@ class Classification:
         for prediction, elapsed in zip(predictions, seconds):
             metrics.confidence().labels(prediction.model).observe(prediction.confidence)
             metrics.processing_seconds().labels(prediction.model).observe(elapsed)
+
+    @staticmethod
+    def tensors(outputs: Mapping[str, np.ndarray], graph: GraphSpec,
+                answers: Sequence[Prediction], contexts: Sequence[None]) -> list[dict[str, Any]]:
+        """Per image: its probabilities (all classes, in class order) and its label."""
+        probabilities = outputs[graph.probabilities_name].astype(np.float32, copy=False)
+        return [{"probabilities": row, "label": answer.label, "model": answer.model}
+                for row, answer in zip(probabilities, answers)]
 
     @staticmethod
     def agreement(shadow_outputs: Mapping[str, np.ndarray], graph: GraphSpec,

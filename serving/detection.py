@@ -76,6 +76,10 @@ class Detection:
         self.spec = spec
         self.defaults = Thresholds(defaults.confidence_threshold, defaults.iou_threshold,
                                    defaults.max_detections)
+        # The Open Inference Protocol's outputs, padded to K = the request's max_detections
+        # (Triton's convention): num_detections says how many rows of each image are real.
+        self.tensor_outputs = [("boxes", "FP32", (-1, -1, 4)), ("scores", "FP32", (-1, -1)),
+                               ("labels", "INT64", (-1, -1)), ("num_detections", "INT32", (-1,))]
 
     def options(self, fields: Mapping[str, Any]) -> Thresholds:
         """A request's option fields (strings from a form, values from JSON) -> its thresholds,
@@ -157,6 +161,25 @@ class Detection:
             for detection in answer.detections:
                 metrics.detection_score().labels(answer.model).observe(detection.score)
             metrics.processing_seconds().labels(answer.model).observe(elapsed)
+
+    @staticmethod
+    def tensors(outputs: Mapping[str, np.ndarray], graph: GraphSpec,
+                answers: Sequence[DetectionResult], contexts: Sequence[ImageContext]
+                ) -> list[dict[str, Any]]:
+        """Per image: its detections as tensors padded to its request's max_detections (boxes
+        and scores 0, labels -1 in the padding), boxes in the image's pixels."""
+        rows = []
+        for answer, context in zip(answers, contexts):
+            size = context.thresholds.max_detections
+            boxes = np.zeros((size, 4), np.float32)
+            scores = np.zeros(size, np.float32)
+            labels = np.full(size, -1, np.int64)
+            for i, detection in enumerate(answer.detections[:size]):
+                boxes[i], scores[i], labels[i] = detection.box, detection.score, detection.class_id
+            rows.append({"boxes": boxes, "scores": scores, "labels": labels,
+                         "num_detections": np.int32(min(len(answer.detections), size)),
+                         "model": answer.model})
+        return rows
 
     def agreement(self, shadow_outputs: Mapping[str, np.ndarray], graph: GraphSpec,
                   served: Sequence[DetectionResult], contexts: Sequence[ImageContext]

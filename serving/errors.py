@@ -27,6 +27,7 @@ STATUS: dict[str, HTTPStatus] = {
     "unauthorized": HTTPStatus.UNAUTHORIZED,
     "not_found": HTTPStatus.NOT_FOUND,
     "unknown_task": HTTPStatus.NOT_FOUND,
+    "unknown_model": HTTPStatus.NOT_FOUND,
     "method_not_allowed": HTTPStatus.METHOD_NOT_ALLOWED,
     "job_not_done": HTTPStatus.CONFLICT,
     "request_too_large": HTTPStatus.REQUEST_ENTITY_TOO_LARGE,

@@ -27,6 +27,8 @@ from starlette.responses import Response
 from . import metrics
 from .deployment import Deployment
 from .errors import STATUS, RejectedInput, as_validation_error, error_body
+from .inference_protocol import ProtocolModel, TensorSpec
+from .inference_protocol import how_to_send as protocol_how_to_send
 from .predictor import Item, JobFile, Task
 from .preprocess import InvalidTensor, open_image, tensor_shapes, validate_tensor
 from .uploads import NOT_A_FILE, NotAFile, RequestOptions, TooManyImages, request_fields
@@ -122,6 +124,16 @@ class Inputs:
             *options,
         ]
 
+        # The Open Inference Protocol's infer input: the images of a protocol request, which
+        # serving/inference_protocol.py reads from its body (the served model names the route).
+        self.protocol = ProtocolModel.of(
+            deployment.served[0].tag, self.spec.channels,
+            [TensorSpec(*output) for output in task.tensor_outputs],
+            self.limits.max_images_per_request, self.limits.max_image_pixels)
+        self.protocol_images: Any = Annotated[
+            list[Any], WrapValidator(self._decode_protocol_images), self.protocol,
+            HowToSend(protocol_how_to_send(self.protocol))]
+
     def request_options(self, request: Request | None) -> Any:
         """The task's options for the request being parsed, validated once per request (an
         invalid value: RejectedInput, refused before any image is decoded)."""
@@ -163,6 +175,23 @@ class Inputs:
         except RejectedInput as exc:
             raise as_validation_error(exc) from None
         return Item(pixels, received_at, self.route(), context)
+
+    def _decode_protocol_images(self, images: Any, _parse: ValidatorFunctionWrapHandler
+                                ) -> list[Item]:
+        """A protocol request's images (read from its body, counted and sized there) -> Items,
+        preprocessed as uploads are."""
+        received_at = time.perf_counter()
+        if not isinstance(images, list) or not all(isinstance(i, Image.Image) for i in images):
+            # Only a body the protocol parser did not read: BentoML's client calling the API.
+            raise as_validation_error(RejectedInput(protocol_how_to_send(self.protocol)))
+        try:
+            options = self.request_options(current_request())
+            decoded = [self.task.decode(image, self.spec, self.limits.max_image_pixels, options)
+                       for image in images]
+        except RejectedInput as exc:
+            raise as_validation_error(exc) from None
+        variant = self.route()
+        return [Item(pixels, received_at, variant, context) for pixels, context in decoded]
 
     def _count_images(self, uploads: Any, validate_each: ValidatorFunctionWrapHandler
                       ) -> list[Item]:

@@ -10,11 +10,13 @@ With an API key configured, the spec declares it as an HTTP bearer scheme requir
 operation outside `security.public_paths`: the Swagger UI then shows "Authorize", and its "Try it
 out" sends `Authorization: Bearer <key>`. BentoML 1.4.39's spec classes have no field for
 security, so a subclass adds it when the spec is written out (/docs.json, a bento's
-openapi.yaml).
+openapi.yaml). The same subclass shows the Open Inference Protocol's infer route with the
+protocol's request and answer, not the batch types BentoML derives from the API's signature.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import yaml
 from bentoml._internal.service.openapi.specification import Info, OpenAPISpecification
 
 from .admission import is_public_path, split_public_paths
+from .inference_protocol import ProtocolModel, openapi_schemas
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BEARER = "apiKey"  # the security scheme's name in the spec
@@ -45,37 +48,67 @@ def with_bearer_scheme(spec: dict[str, Any], public_paths: list[str]) -> dict[st
     return spec
 
 
-def bearer_secured(public_paths: list[str]) -> type[OpenAPISpecification]:
-    """An OpenAPISpecification class whose written-out form declares the bearer scheme."""
+def rewritten(transforms: Sequence[Callable[[dict[str, Any]], dict[str, Any]]]
+              ) -> type[OpenAPISpecification]:
+    """An OpenAPISpecification class whose written-out form (/docs.json, a bento's openapi.yaml)
+    is BentoML's passed through `transforms`."""
 
-    class BearerSecuredSpecification(OpenAPISpecification):
+    class RewrittenSpecification(OpenAPISpecification):
         __slots__ = ()
 
         def asdict(self) -> dict[str, Any]:
-            return with_bearer_scheme(super().asdict(), public_paths)
+            spec: dict[str, Any] = super().asdict()
+            for transform in transforms:
+                spec = transform(spec)
+            return spec
 
     # `bentoml build` writes the spec with PyYAML, whose representers match the exact class.
-    yaml.add_representer(BearerSecuredSpecification,
+    yaml.add_representer(RewrittenSpecification,
                          lambda dumper, spec: dumper.represent_dict(spec.asdict()))
-    return BearerSecuredSpecification
+    return RewrittenSpecification
+
+
+def bearer_secured(public_paths: list[str]) -> type[OpenAPISpecification]:
+    """An OpenAPISpecification class whose written-out form declares the bearer scheme."""
+    return rewritten([lambda spec: with_bearer_scheme(spec, public_paths)])
+
+
+def with_protocol_schemas(spec: dict[str, Any], model: ProtocolModel) -> dict[str, Any]:
+    """`spec` (a dict) with the infer route's body and answer as the Open Inference Protocol's
+    (BentoML derives them from the API's Python types: the batch's, not the protocol's)."""
+    operation = spec.get("paths", {}).get(model.infer_route, {}).get("post")
+    if isinstance(operation, dict):
+        request, answer = openapi_schemas(model)
+        operation["requestBody"] = {"content": {"application/json": {"schema": request}}}
+        operation.setdefault("responses", {})["200"] = {
+            "description": "Successful Response",
+            "content": {"application/json": {"schema": answer}}}
+    return spec
 
 
 def described_service(description_file: str, version: str,
-                      secured_except: list[str] | None = None) -> type[bentoml.Service[Any]]:
+                      secured_except: list[str] | None = None,
+                      protocol: ProtocolModel | None = None) -> type[bentoml.Service[Any]]:
     """A BentoML Service class whose OpenAPI `info` is its own: the Markdown file
     `docs/<description_file>` from source (the bentofile's description, the bento's README,
     once built), and `version`, the served model's tag. `secured_except`: the service needs an
-    API key on every path but these (security.public_paths); None: no key."""
-    secured = bearer_secured(secured_except) if secured_except is not None else None
+    API key on every path but these (security.public_paths); None: no key. `protocol`: the
+    served model's Open Inference Protocol route, described as the protocol's."""
+    transforms: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+    if protocol is not None:
+        transforms.append(lambda spec: with_protocol_schemas(spec, protocol))
+    if secured_except is not None:
+        transforms.append(lambda spec: with_bearer_scheme(spec, secured_except))
+    written = rewritten(transforms) if transforms else None
 
     class DescribedService(bentoml.Service[Any]):  # type: ignore[misc]  # untyped in BentoML
         @property
         def openapi_spec(self) -> OpenAPISpecification:
             info = Info(title=self.name, version=version, description=self._description())
             spec: OpenAPISpecification = attrs.evolve(super().openapi_spec, info=info)
-            if secured is None:
+            if written is None:
                 return spec
-            return secured(**{f.name: getattr(spec, f.name)
+            return written(**{f.name: getattr(spec, f.name)
                               for f in attrs.fields(OpenAPISpecification)})
 
         def _description(self) -> str:

@@ -60,6 +60,8 @@ class Task(Protocol):
     name: str
     # The per-request options the task takes (a detector's thresholds), or None.
     options_model: type[BaseModel] | None
+    # Its outputs in the Open Inference Protocol: (name, datatype, shape) each.
+    tensor_outputs: list[tuple[str, str, tuple[int, ...]]]
 
     def options(self, fields: Mapping[str, Any]) -> Any:
         """A request's option fields -> the task's options for it (RejectedInput if invalid)."""
@@ -83,6 +85,11 @@ class Task(Protocol):
     def record(self, answers: Sequence[Any], seconds: Sequence[float]) -> None:
         """The answers in /metrics."""
 
+    def tensors(self, outputs: Mapping[str, np.ndarray], graph: GraphSpec,
+                answers: Sequence[Any], contexts: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per image, the task's protocol outputs by name (and the answering model's tag under
+        "model"): what `tensor_outputs` declares."""
+
     def agreement(self, shadow_outputs: Mapping[str, np.ndarray], graph: GraphSpec,
                   served: Sequence[Any], contexts: Sequence[Any]) -> np.ndarray:
         """Per image: did a shadow model's outputs agree with the answer served?"""
@@ -104,6 +111,15 @@ class Predictor:
 
     def predict(self, batch: Sequence[Item]) -> list[Any]:
         """One adaptive batch (images from many requests) -> one answer per image, in order."""
+        return self._answer(batch)[0]
+
+    def predict_tensors(self, batch: Sequence[Item]) -> list[dict[str, Any]]:
+        """The same batch path, answered as the task's tensors per image (the Open Inference
+        Protocol's outputs: serving/inference_protocol.py)."""
+        answers, outputs = self._answer(batch)
+        return self.task.tensors(outputs, self.graph, answers, [item.context for item in batch])
+
+    def _answer(self, batch: Sequence[Item]) -> tuple[list[Any], dict[str, np.ndarray]]:
         pixels = np.stack([item.array for item in batch])
         variants = np.fromiter((item.variant for item in batch), np.intp, len(batch))
         outputs = self._run_variants(pixels, variants)
@@ -116,7 +132,7 @@ class Predictor:
         self.task.record(answers, seconds)
         if self.shadow is not None:
             self.shadow.offer(pixels, answers, tags, contexts)
-        return answers
+        return answers, outputs
 
     def predict_files(self, files: Sequence[JobFile], spec: InputSpec, max_pixels: int,
                       batch_size: int) -> list[Any | RejectedInput]:

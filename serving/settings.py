@@ -123,8 +123,9 @@ class ShadowSettings(_Section):
     tag: str = Field(pattern=TAG_PATTERN)
     fraction: float = Field(
         default=1.0, gt=0, le=1,
-        description="Share of images copied to the shadow model. It runs in its own thread at "
-        "the lowest CPU priority and drops copies rather than queue them when it falls behind.",
+        description="Share of images copied to the shadow model. It runs in a process of its "
+        "own per worker, at the lowest CPU priority, and drops copies rather than queue them "
+        "when it falls behind.",
     )
     queue_batches: int = Field(default=4, gt=0, description="Batches waiting for the shadow.")
 
@@ -213,7 +214,8 @@ class SecuritySettings(_Section):
         "the environment variable.",
     )
     public_paths: list[str] = Field(
-        default=["/livez", "/readyz", "/healthz", "/metrics",
+        default=["/livez", "/readyz", "/healthz", "/health", "/v2/health/live",
+                 "/v2/health/ready", "/metrics",
                  "/", "/docs.json", "/schema.json", "/static_content/", "/assets/"],
         description="Paths open without the key; an entry ending in '/' opens that prefix. "
         "Everything else, every model endpoint included, needs it.",

@@ -88,7 +88,7 @@ def declared_options(cls: type[Any]) -> type[BaseModel] | None:
     return None
 
 
-def _keep_fields(request: Request, fields: dict[str, Any]) -> None:
+def keep_fields(request: Request, fields: dict[str, Any]) -> None:
     request.scope.setdefault("state", {})[REQUEST_FIELDS] = fields
 
 
@@ -110,7 +110,7 @@ async def read_form(request: Request) -> FormData:
         try:
             return await request.form()
         except HTTPException as exc:
-            raise _validation_error(_malformed(str(exc.detail))) from None
+            raise validation_error(_malformed(str(exc.detail))) from None
     received = 0
 
     async def counted() -> AsyncGenerator[bytes, None]:
@@ -125,10 +125,10 @@ async def read_form(request: Request) -> FormData:
     except MultiPartException as exc:  # python-multipart's own reason, when it gave one
         reason = exc.message if exc.__cause__ is None else \
             f"{exc.message.rstrip('.')}: {exc.__cause__}"
-        raise _validation_error(_malformed(reason)) from None
+        raise validation_error(_malformed(reason)) from None
     request._form = form  # as request.form() does: BentoML closes its files after the answer
     if received and not parser.complete:
-        raise _validation_error(_malformed(
+        raise validation_error(_malformed(
             "the body ends before its closing boundary, `--<boundary>--`: it was cut short"))
     return form
 
@@ -161,22 +161,22 @@ class FilesOnlyMultipartSerde(serde.MultipartSerde):  # type: ignore[misc]  # un
             elif key not in cls.model_fields and key not in option_names:
                 unexpected.append(f"a text field named {key!r}")
             elif len(values) > 1:
-                raise _validation_error(UnexpectedPart(
+                raise validation_error(UnexpectedPart(
                     f"the form has the text field {key!r} {len(values)} times; send it once"))
             elif key in cls.model_fields:  # a declared non-file field: JSON, or plain text
                 data[key] = _json_or_text(str(values[0]))
             else:
                 options[key] = str(values[0])
         if unexpected:
-            raise _validation_error(_unexpected_parts(cls, data, unexpected, option_names))
-        _keep_fields(request, options)
+            raise validation_error(_unexpected_parts(cls, data, unexpected, option_names))
+        keep_fields(request, options)
         return cls.model_validate(data)
 
     @staticmethod
     async def ensure_file(obj: str | UploadFile) -> UploadFile:
         if isinstance(obj, UploadFile):
             return obj
-        raise _validation_error(NotAFile(NOT_A_FILE))
+        raise validation_error(NotAFile(NOT_A_FILE))
 
 
 class OptionsJSONSerde(serde.JSONSerde):  # type: ignore[misc]  # untyped in BentoML
@@ -193,7 +193,7 @@ class OptionsJSONSerde(serde.JSONSerde):  # type: ignore[misc]  # untyped in Ben
         except ValueError:  # BentoML's own parse reports it, as invalid JSON
             return await super().parse_request(request, cls)
         if isinstance(document, dict):
-            _keep_fields(request, {k: v for k, v in document.items()
+            keep_fields(request, {k: v for k, v in document.items()
                                    if k not in cls.model_fields})
             return cls.model_validate({k: v for k, v in document.items() if k in cls.model_fields})
         return await super().parse_request(request, cls)
@@ -229,7 +229,7 @@ def _unexpected_parts(cls: type[Any], data: dict[str, Any], unexpected: list[str
     return UnexpectedPart(f"{found} {example}")
 
 
-def _validation_error(exc: RejectedInput) -> ValidationError:
+def validation_error(exc: RejectedInput) -> ValidationError:
     """Outside a validator, a RejectedInput becomes the ValidationError BentoML answers as 4xx."""
     error = InitErrorDetails(type=as_validation_error(exc), loc=(), input="")
     return ValidationError.from_exception_data("Input", [error])

@@ -9,6 +9,13 @@ from typing import Any
 import bentoml
 
 from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
+from .inference_protocol import (
+    ProtocolModel,
+    ProtocolPaths,
+    ProtocolRoutes,
+    declared_protocol,
+    install_parser,
+)
 from .inputs import how_to_send
 from .openapi import described_service
 from .request_log import RequestLog
@@ -24,7 +31,7 @@ def batching(settings: ServiceSettings) -> dict[str, Any]:
 
 def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str, Any],
                models: dict[str, bentoml.models.BentoModel], description_file: str,
-               version: str) -> bentoml.Service[Any]:
+               version: str, protocol: ProtocolModel) -> bentoml.Service[Any]:
     """`cls` as a BentoML service with its models packed, its description and middlewares."""
     # `bentoml build` packs the models named by the service's class attributes: one per tag.
     for number, model in enumerate(models.values()):
@@ -33,18 +40,28 @@ def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str
     # With a key, the OpenAPI spec declares it, so that the Swagger UI offers "Authorize".
     secured_except = settings.security.public_paths if api_key else None
     service: bentoml.Service[Any] = bentoml.service(
-        service_class=described_service(description_file, version, secured_except),
+        service_class=described_service(description_file, version, secured_except, protocol),
         **bentoml_config)(cls)
-    install_middlewares(service, settings, api_key)
+    install_middlewares(service, settings, api_key, protocol)
     return service
 
 
+# What the Open Inference Protocol's infer route takes besides JSON: the binary extension, sent
+# as application/octet-stream (KServe's client) or with no Content-Type (tritonclient).
+PROTOCOL_MEDIA_TYPES = ("application/octet-stream", "")
+
+
 def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings,
-                        api_key: str | None) -> None:
+                        api_key: str | None, protocol: ProtocolModel) -> None:
     install_parsers()
+    install_parser()
     quiet_client_error_tracebacks()
-    routes = admission_routes(service.apis, how_to_send)
-    if settings.request_log.enabled:  # added first: outside Admission
+    routes = admission_routes(
+        service.apis, how_to_send,
+        lambda api: PROTOCOL_MEDIA_TYPES if declared_protocol(api.input_spec) else ())
+    # Added first, so outermost: the protocol's paths and error shape, around everything.
+    service.add_asgi_middleware(ProtocolPaths, model=protocol)
+    if settings.request_log.enabled:  # before Admission: outside it
         service.add_asgi_middleware(RequestLog, routes=routes)
     service.add_asgi_middleware(
         Admission,
@@ -55,3 +72,5 @@ def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings
         limits_key=settings.where.key("limits"),
         jobs=job_routes(service.apis, how_to_send),
     )
+    # Inside admission: the key and the limits apply (the health routes are public paths).
+    service.add_asgi_middleware(ProtocolRoutes, model=protocol, service_name=service.name)

@@ -90,8 +90,21 @@ def test_the_right_key_is_served(strict) -> None:
 
 
 def test_health_metrics_and_docs_stay_open_without_the_key(strict) -> None:
-    for path in ("/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json"):
+    for path in ("/livez", "/readyz", "/healthz", "/health", "/v2/health/live",
+                 "/v2/health/ready", "/metrics", "/", "/docs.json"):
         assert httpx.get(strict.url + path).status_code == 200, path
+
+
+def test_the_inference_protocol_needs_the_key(strict, trained_model: str) -> None:
+    """The protocol's infer and metadata routes are model endpoints like /classify."""
+    name = trained_model.split(":")[0]
+    request = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28],
+                           "data": [0] * 28 * 28}]}
+    infer = f"{strict.url}/v2/models/{name}/infer"
+    assert httpx.post(infer, json=request).status_code == 401
+    assert httpx.get(f"{strict.url}/v2/models/{name}").status_code == 401
+    assert httpx.post(infer, json=request, headers=auth()).status_code == 200
+    assert httpx.get(f"{strict.url}/v2/models/{name}", headers=auth()).status_code == 200
 
 
 def test_the_default_configuration_needs_no_key(server) -> None:
