@@ -7,8 +7,9 @@ argument, so none of them reads service.py's globals.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .routing import Router
 from .runtime import OnnxRuntime, gpu_available
 from .schemas import DriftReport, DriftStatus, VariantInfo
 from .settings import ConfigurationError, ServiceSettings, VariantSettings
-from .shadow import Shadow
+from .shadow import Shadow, task_agreement
 
 logger = logging.getLogger("bentoml.image_classifier")
 
@@ -126,8 +127,15 @@ class Deployment:
 
     def load_runtime(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None
                      ) -> OnnxRuntime:
+        return self.runtime_loader(entry, task, intra_op_threads)()
+
+    def runtime_loader(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None
+                       ) -> Callable[[], OnnxRuntime]:
+        """What loads `entry`'s runtime, as a value that pickles (the shadow's process calls
+        it)."""
         model = self.settings.model
-        return OnnxRuntime(
+        return functools.partial(
+            OnnxRuntime,
             entry.path / ONNX_FILE,
             entry.card.input,
             entry.card.graph,
@@ -138,15 +146,14 @@ class Deployment:
         )
 
     def load_shadow(self, task: Task) -> Shadow | None:
+        """The shadow's own process, its model loaded there (serving/shadow.py)."""
         rollout = self.settings.rollout.shadow
         if self.shadow is None or rollout is None:
             return None
-        graph = self.shadow.card.graph
-        # One thread: the shadow's session runs on its own (low-priority) thread only.
-        runtime = self.load_runtime(self.shadow, task, intra_op_threads=1)
-        return Shadow(runtime, self.shadow.tag, rollout.fraction, rollout.queue_batches,
-                      lambda outputs, served, contexts:
-                      task.agreement(outputs, graph, served, contexts))
+        # One thread: the shadow's process has one core's worth of work at the lowest priority.
+        load = self.runtime_loader(self.shadow, task, intra_op_threads=1)
+        return Shadow(load, self.shadow.tag, rollout.fraction, rollout.queue_batches,
+                      task_agreement(task, self.shadow.card.graph))
 
     def drift_monitor(self, entry: StoreEntry) -> DriftMonitor | None:
         """A monitor for a model exported with reference features (imports without data have

@@ -1,102 +1,262 @@
 """Shadow: a candidate model sees a copy of the traffic; its answers are compared, never returned.
 
-Kept off the request path: the batch that was just answered is handed to one daemon thread
-through a short queue. When the thread is still busy the copy is dropped and counted, never
-queued behind, so the shadow cannot hold up answers or grow memory. The thread lowers its own
-CPU priority (nice 19) before it runs anything, and its ONNX Runtime session runs on that thread
-alone (intra_op_threads=1), so on a busy CPU the served models get the cores first.
+Off the served models' CPU: the candidate runs in a process of its own, one per worker, started
+with 'spawn' (a fork would copy the worker's ONNX Runtime threads mid-state). That process lowers
+its CPU priority before it loads anything (nice 19 and, on Linux, SCHED_IDLE: it gets the cores
+the served models leave idle), and runs a one-thread ONNX Runtime session. In a thread it would
+share the worker's GIL, which a low-priority thread holds while the scheduler keeps it waiting.
+
+On the request path only bookkeeping: the batch just answered (its pixels, answers and per-image
+contexts) is put on a queue of `queue_batches` batches without waiting; when the queue is full
+the copy is dropped and counted, so the shadow can neither hold up answers nor grow memory. The
+shadow's process infers and compares (the task's agreement, which needs the dense outputs) and
+sends back per image whether it agreed; a thread of the worker records that in /metrics and the
+log, so the metrics live where BentoML collects them.
+
+If the shadow's process dies, the served traffic goes on: its unanswered images and every later
+copy are counted as dropped, and the worker logs it once. The process exits with its worker
+(daemonic, and it checks that its parent is still there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import multiprocessing
+import multiprocessing.queues
 import os
 import queue
+import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
 from . import metrics
-from .runtime import OnnxRuntime
+from .contract import GraphSpec
 
 # Under BentoML's logger: its handlers put INFO lines in the server's log.
 logger = logging.getLogger("bentoml.image_classifier.shadow")
 # A summary line after the first batch, then per this many images compared, per worker.
 LOG_EVERY_IMAGES = 1000
+# How often the shadow's process checks that its worker is alive, and the worker that its
+# shadow's process is, when neither has anything to say.
+POLL_S = 1.0
 
 
 # The task's comparison: the shadow's outputs for some images, the answers served for them and
 # the images' contexts -> per image, whether the shadow agreed (a classifier: the same top class).
+# It runs in the shadow's process, so it must pickle (a module-level function, or a partial).
 Agreement = Callable[[Mapping[str, np.ndarray], Sequence[Any], Sequence[Any]], np.ndarray]
+
+
+class ShadowRuntime(Protocol):
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class Comparing(Protocol):
+    """What a task offers the shadow (serving/predictor.py's Task has it)."""
+
+    def agreement(self, shadow_outputs: Mapping[str, np.ndarray], graph: GraphSpec,
+                  served: Sequence[Any], contexts: Sequence[Any]) -> np.ndarray: ...
+
+
+def task_agreement(task: Comparing, graph: GraphSpec) -> Agreement:
+    """A task's comparison for the shadow's `graph`, in a form that pickles."""
+    return functools.partial(_compare_with_task, task, graph)
+
+
+def _compare_with_task(task: Comparing, graph: GraphSpec, outputs: Mapping[str, np.ndarray],
+                       served: Sequence[Any], contexts: Sequence[Any]) -> np.ndarray:
+    return task.agreement(outputs, graph, served, contexts)
 
 
 @dataclass(frozen=True, slots=True)
 class Copy:
+    """Worker -> shadow: an answered batch, numbered so that its result finds its models."""
+
+    number: int
     pixels: np.ndarray
     served: tuple[Any, ...]  # the answers that were served for these images
-    served_models: tuple[str, ...]
     contexts: tuple[Any, ...]  # what the task kept per image (a detector's letterbox)
 
 
+@dataclass(frozen=True, slots=True)
+class Compared:
+    """Shadow -> worker: per image of copy `number`, whether the shadow agreed."""
+
+    number: int
+    seconds: float  # the shadow model's inference
+    agree: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Shadow -> worker: copy `number` raised (-1: the model did not load)."""
+
+    number: int
+    error: str  # the traceback, for the worker's log
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Shadow -> worker: the model is loaded."""
+
+
+# Worker -> shadow, and back.
+Copies: TypeAlias = "multiprocessing.queues.Queue[Copy]"
+Results: TypeAlias = "multiprocessing.queues.Queue[Compared | Failed | Ready]"
+
+
 class Shadow:
-    def __init__(self, runtime: OnnxRuntime, tag: str, fraction: float, queue_batches: int,
-                 agreement: Agreement, seed: int | None = None) -> None:
-        self.runtime = runtime
+    """The worker's side: samples and offers copies, and records what the shadow answers.
+
+    `load` builds the shadow's runtime and `agreement` compares; both run in the shadow's
+    process, so both must pickle. Returns once the model is loaded there (a model that does not
+    load stops the worker's start, as a served model would)."""
+
+    def __init__(self, load: Callable[[], ShadowRuntime], tag: str, fraction: float,
+                 queue_batches: int, agreement: Agreement, seed: int | None = None) -> None:
         self.tag = tag
         self.fraction = fraction
-        self.agreement = agreement
-        self._queue: queue.Queue[Copy] = queue.Queue(maxsize=queue_batches)
         self._sample = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[str, ...]] = {}  # copy number -> its images' models
+        self._numbers = 0
+        self._stopped = False  # the process exited, or close(): every copy is dropped
+        self._closing = False
         self._compared = self._agreed = 0
         metrics.shadow_dropped().labels(tag).inc(0)  # the series exists (at 0) from the start
-        self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
-        self._thread.start()
+        context = multiprocessing.get_context("spawn")
+        self._copies: Copies = context.Queue(maxsize=queue_batches)
+        self._results: Results = context.Queue()
+        # A worker exiting must not wait to flush copies into a pipe nobody reads any more.
+        self._copies.cancel_join_thread()
+        self._process = context.Process(
+            target=run_shadow, name=f"shadow {tag}", daemon=True,
+            args=(load, agreement, self._copies, self._results, os.getpid()))
+        self._process.start()
+        self._wait_until_loaded()
+        self._collector = threading.Thread(target=self._collect, name="shadow results",
+                                           daemon=True)
+        self._collector.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def offer(self, pixels: np.ndarray, served: Sequence[Any], served_models: Sequence[str],
               contexts: Sequence[Any]) -> None:
-        """Called on the request path: O(batch) bookkeeping, no inference."""
+        """Called on the request path: O(batch) bookkeeping and a put that never waits."""
         rows = np.arange(len(pixels))
         if self.fraction < 1.0:
             rows = rows[self._sample.random(len(pixels)) < self.fraction]
             if len(rows) == 0:
                 return
         picked = rows.tolist()
-        copy = Copy(pixels[rows], tuple(served[i] for i in picked),
-                    tuple(served_models[i] for i in picked), tuple(contexts[i] for i in picked))
+        with self._lock:
+            if self._stopped:
+                self._drop(len(picked))
+                return
+            number = self._numbers
+            self._numbers += 1
+            self._pending[number] = tuple(served_models[i] for i in picked)
+        copy = Copy(number, pixels[rows], tuple(served[i] for i in picked),
+                    tuple(contexts[i] for i in picked))
         try:
-            self._queue.put_nowait(copy)
+            self._copies.put_nowait(copy)  # pickled and sent by the queue's own thread
         except queue.Full:
-            metrics.shadow_dropped().labels(self.tag).inc(len(rows))
+            with self._lock:
+                # Not if the process died meanwhile: its pending images are counted already.
+                if self._pending.pop(number, None) is not None:
+                    self._drop(len(picked))
 
-    def _run(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only
-        except (AttributeError, OSError):  # not Linux: same priority, still off the request path
-            logger.info("shadow thread runs at normal priority")
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the shadow's process (a worker's exit does it without this)."""
+        with self._lock:
+            self._closing = self._stopped = True
+        self._process.terminate()
+        self._process.join(timeout_s)
+        self._collector.join(timeout_s)
+        self._copies.close()
+        self._results.close()
+
+    def _drop(self, images: int) -> None:
+        metrics.shadow_dropped().labels(self.tag).inc(images)
+
+    def _wait_until_loaded(self) -> None:
         while True:
-            copy = self._queue.get()
             try:
-                self._compare(copy)
-            except Exception:  # a shadow failure must never reach the served traffic
-                logger.exception("shadow model %s failed on a batch of %d", self.tag,
-                                 len(copy.pixels))
+                message = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                raise RuntimeError(f"the process of shadow model {self.tag} exited with code "
+                                   f"{self._process.exitcode} while it loaded") from None
+            if isinstance(message, Ready):
+                logger.info("shadow %s loaded in process %s", self.tag, self._process.pid)
+                return
+            if isinstance(message, Failed):
+                self._process.join()
+                raise RuntimeError(f"shadow model {self.tag} did not load:\n{message.error}")
 
-    def _compare(self, copy: Copy) -> None:
-        started = time.perf_counter()
-        outputs = self.runtime.outputs(copy.pixels)
-        metrics.shadow_seconds().labels(self.tag).observe(time.perf_counter() - started)
-        agree = self.agreement(outputs, copy.served, copy.contexts)
-        counter = metrics.shadow_comparisons()
-        for model in set(copy.served_models):
-            mine = np.fromiter((m == model for m in copy.served_models), bool, len(agree))
-            hits = int(agree[mine].sum())
-            counter.labels(model, self.tag, "true").inc(hits)
-            counter.labels(model, self.tag, "false").inc(int(mine.sum()) - hits)
-        self._log_summary(len(agree), int(agree.sum()))
+    def _collect(self) -> None:
+        """The worker's thread that records the shadow's results, until its process exits."""
+        while True:
+            try:
+                message = self._results.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                self._lost()
+                return
+            except (EOFError, OSError, ValueError):  # closed
+                return
+            try:
+                self._record(message)
+            except Exception:  # a bookkeeping failure must never reach the served traffic
+                logger.exception("recording a result of shadow %s failed", self.tag)
+
+    def _record(self, message: Compared | Failed | Ready) -> None:
+        if isinstance(message, Ready):
+            return
+        with self._lock:
+            models = self._pending.pop(message.number, ())
+        if isinstance(message, Failed):
+            logger.error("shadow model %s failed on a batch of %d:\n%s", self.tag, len(models),
+                         message.error)
+        elif isinstance(message, Compared):
+            metrics.shadow_seconds().labels(self.tag).observe(message.seconds)
+            agree = message.agree
+            served_models = np.asarray(models)
+            counter = metrics.shadow_comparisons()
+            for model in set(models):
+                mine = served_models == model
+                hits = int(agree[mine].sum())
+                counter.labels(model, self.tag, "true").inc(hits)
+                counter.labels(model, self.tag, "false").inc(int(mine.sum()) - hits)
+            self._log_summary(len(agree), int(agree.sum()))
+
+    def _lost(self) -> None:
+        """The process exited: what it had not answered, and every later copy, is dropped."""
+        with self._lock:
+            self._stopped = True
+            if self._closing:
+                return
+            unanswered = sum(len(models) for models in self._pending.values())
+            self._pending.clear()
+            self._drop(unanswered)
+        logger.error(
+            "the process of shadow model %s (pid %s) exited with code %s: its %d unanswered "
+            "images and every later copy are counted as dropped "
+            "(image_classifier_shadow_dropped_total); the served answers are not affected, and "
+            "the worker's next start starts a new shadow", self.tag, self._process.pid,
+            self._process.exitcode, unanswered)
 
     def _log_summary(self, compared: int, agreed: int) -> None:
         first = self._compared == 0
@@ -107,3 +267,47 @@ class Shadow:
             logger.info("shadow %s agreed with the served answer on %d of %d images (%.2f%%)",
                         self.tag, self._agreed, self._compared,
                         100.0 * self._agreed / self._compared)
+
+
+def run_shadow(load: Callable[[], ShadowRuntime], agreement: Agreement,
+               copies: Copies, results: Results, parent_pid: int) -> None:
+    """The shadow's process: lowest priority, load the model, then compare every copy it gets
+    until the worker is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the worker, which stops this
+    lower_priority()
+    try:
+        runtime = load()
+    except Exception:
+        results.put(Failed(-1, traceback.format_exc()))
+        return
+    results.put(Ready())
+    while True:
+        try:
+            copy = copies.get(timeout=POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent_pid:  # the worker died without stopping this process
+                os._exit(0)
+            continue
+        results.put(compare(runtime, agreement, copy))
+
+
+def compare(runtime: ShadowRuntime, agreement: Agreement, copy: Copy) -> Compared | Failed:
+    started = time.perf_counter()
+    try:
+        outputs = runtime.outputs(copy.pixels)
+        seconds = time.perf_counter() - started
+        agree = np.asarray(agreement(outputs, copy.served, copy.contexts), dtype=bool)
+    except Exception:  # a shadow failure is reported, never raised into the served traffic
+        return Failed(copy.number, traceback.format_exc())
+    return Compared(copy.number, seconds, agree)
+
+
+def lower_priority() -> None:
+    """This process (and the threads it starts later) at nice 19, and SCHED_IDLE on Linux: it
+    runs when the served models leave a core idle."""
+    # Not a POSIX system, or not allowed: normal priority, still a process of its own.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))

@@ -1,9 +1,11 @@
 """Versions behind one API, through real servers: A/B variants by weight with sticky routing
-keys, a shadow whose answers are compared and never returned, rollback by one setting, and
-`bentoml build` packing every model the configuration names."""
+keys, a shadow whose answers are compared and never returned (in a low-priority process per
+worker, for the classifier and the detector), rollback by one setting, and `bentoml build`
+packing every model the configuration names."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,13 +18,17 @@ from pathlib import Path
 import bentoml
 import httpx
 import numpy as np
+import psutil
 import pytest
+import yaml
+from PIL import Image
 from scipy.stats import binom
 
 from serving.contract import ONNX_FILE
 from tests.helpers import (
     BIN,
     ROOT,
+    RunningServer,
     bentoml_build,
     metric_total,
     python,
@@ -150,6 +156,7 @@ def test_the_shadow_is_compared_and_never_answers(versions, holdout, tmp_path):
                    for i in range(count)]
         assert {p["model"] for answer in answers for p in answer} == {v1}
         metrics = wait_for_shadow(server.url, v2, expected=len(pixels))
+        check_shadow_processes(server, workers=2)
     agreed = metric_total(metrics, "image_classifier_shadow_comparisons_total", shadow=v2,
                           agree="true")
     compared = metric_total(metrics, "image_classifier_shadow_comparisons_total", shadow=v2)
@@ -164,8 +171,46 @@ def test_the_shadow_is_compared_and_never_answers(versions, holdout, tmp_path):
     assert f"shadow {v2} agreed with the served answer on" in server.log_text()
 
 
+def check_shadow_processes(server: RunningServer, workers: int) -> None:
+    """One shadow process per worker, a child of it, at the lowest priority, without torch."""
+    tree = psutil.Process(server.process.pid).children(recursive=True)
+    shadows = [p for p in tree if "multiprocessing.spawn" in " ".join(p.cmdline())]
+    assert len(shadows) == workers, [p.cmdline() for p in tree]
+    for shadow in shadows:
+        assert "_bentoml_impl.worker.service" in " ".join(shadow.parent().cmdline())
+        assert shadow.nice() == 19
+        libraries = {Path(m.path).name for m in shadow.memory_maps()}
+        assert not any("torch" in name for name in libraries), sorted(libraries)
+
+
+def test_the_detectors_shadow_is_compared_in_its_own_process(trained_detector, tmp_path):
+    """The comparison is the task's: a detector shadowing itself agrees on every image."""
+    config = tmp_path / "detector-shadow.yaml"
+    config.write_text(yaml.safe_dump({"services": {"ObjectDetector": {
+        "workers": 1, "metrics": {"enabled": True}, "object_detector": {
+            "model": {"tag": trained_detector},
+            "rollout": {"shadow": {"tag": trained_detector, "queue_batches": 64}}}}}}))
+    from train_export.detection.scenes import heldout_scenes
+
+    images = [Image.fromarray(np.asarray(scene.image)) for scene in heldout_scenes(12, seed=0)]
+    with start_server(["service:ObjectDetector"], cwd=ROOT, log_dir=tmp_path,
+                      env={**os.environ, "BENTOML_CONFIG": str(config)}) as server:
+        for number, image in enumerate(images):
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            files = [("images", (f"scene{number}.png", buffer.getvalue(), "image/png"))]
+            answer = httpx.post(f"{server.url}/detect", files=files, timeout=60)
+            assert answer.status_code == 200, answer.text
+        metrics = wait_for_shadow(server.url, trained_detector, expected=len(images))
+        check_shadow_processes(server, workers=1)
+    assert metric_total(metrics, "image_classifier_shadow_comparisons_total",
+                        shadow=trained_detector, agree="true") == len(images)
+    assert metric_total(metrics, "image_classifier_shadow_dropped_total",
+                        shadow=trained_detector) == 0
+
+
 def wait_for_shadow(url: str, shadow: str, expected: int) -> str:
-    """/metrics once the shadow thread has dealt with every copy (it runs after the answers)."""
+    """/metrics once the shadow has dealt with every copy (it runs after the answers)."""
     for _ in range(200):
         text = httpx.get(f"{url}/metrics").text
         done = (metric_total(text, "image_classifier_shadow_comparisons_total", shadow=shadow)
@@ -201,7 +246,7 @@ def test_build_packs_every_model_the_configuration_names(versions, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     for name in ("service.py", "classifier_service.py", "bentofile.yaml", "serving",
-                 "requirements", "docs"):
+                 "requirements", "docs", "deploy"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, project / name)
     write_config(project / "configuration.yaml", {
