@@ -1,4 +1,4 @@
-"""python -m classifier_client: the services from the command line.
+"""image-client (or python -m classifier_client): the services from the command line.
 
   predict IMAGE... --url URL               labels for a few images (a classifier)
   detect IMAGE... --url URL [--draw DIR]   detections for a few images (a detector); --draw
@@ -9,6 +9,11 @@
   offline DIR --model TAG --out FILE       the same with the stored model, no server
   smoke --url URL                          health, one known prediction, latency percentiles
   load --url URL --concurrency C --duration S   closed-loop load and a summary table
+
+What each needs: predict, smoke and load a running ImageClassifier at --url (default
+http://127.0.0.1:3000), detect an ObjectDetector, folder either. offline needs no server but the
+model in the BentoML model store ($BENTOML_HOME, default ~/bentoml) and onnxruntime: the
+`offline` extra, pip install "image-client[offline]" (or the repository's .venv).
 
 The API key, when the service has one, comes from --api-key, else $IMAGE_CLASSIFIER_API_KEY
 (predict, smoke, load), $OBJECT_DETECTOR_API_KEY (detect), or whichever of the two is set
@@ -21,13 +26,15 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .coco import FORMAT as COCO_FORMAT
 from .detector import DetectOptions
 
 DEFAULT_URL = "http://127.0.0.1:3000"
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digit_7_00.png"
+# examples/digit_7_00.png, shipped in the package so that `smoke` and `load` work when installed.
+EXAMPLE = Path(__file__).resolve().parent / "data" / "digit_7_00.png"
 CLASSIFIER_KEY, DETECTOR_KEY = "IMAGE_CLASSIFIER_API_KEY", "OBJECT_DETECTOR_API_KEY"
 FOLDER_OUTPUT = f"""\
 A classifier: --out preds.csv or preds.jsonl, one row per image (path, label, confidence,
@@ -40,6 +47,27 @@ answers the whole folder and rewrites both. For COCO evaluation pass --confidenc
 Failures are listed per file, with the reason, in <out>.failed.jsonl; the exit status is then 1
 and they are tried again next run.
 """
+
+
+NEEDS_CLASSIFIER = ("Needs: an ImageClassifier at --url, and its API key if it has one "
+                    f"(--api-key or ${CLASSIFIER_KEY}).")
+NEEDS_DETECTOR = ("Needs: an ObjectDetector at --url, and its API key if it has one "
+                  f"(--api-key or ${DETECTOR_KEY}).")
+NEEDS_EITHER = ("Needs: an ImageClassifier or an ObjectDetector at --url, and its API key if it "
+                f"has one (--api-key, ${CLASSIFIER_KEY} or ${DETECTOR_KEY}).")
+OFFLINE_EXTRA = ('the `offline` extra: pip install "image-client[offline]" (from where you '
+                 'installed image-client, e.g. pip install "./checkout[offline]"); or run it from '
+                 "the repository's .venv")
+NEEDS_OFFLINE = ("Needs: no server; the model in the BentoML model store ($BENTOML_HOME, default "
+                 f"~/bentoml), and onnxruntime: {OFFLINE_EXTRA}.")
+# What `offline` imports beyond the base install: onnxruntime, and the serving package's own.
+OFFLINE_MODULES = frozenset({"onnxruntime", "yaml", "pydantic", "serving"})
+
+
+def prog_name() -> str:
+    """`image-client` when run as the installed command, else `python -m classifier_client`."""
+    name = Path(sys.argv[0]).name
+    return "python -m classifier_client" if name in ("__main__.py", "-m", "-c", "") else name
 
 
 def unit_interval(text: str) -> float:
@@ -57,7 +85,7 @@ def detection_count(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m classifier_client", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog_name(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -80,15 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="at most N detections per image (1-1000)")
         return sub
 
-    predict = with_url(commands.add_parser("predict", help="labels for a few images"),
-                       CLASSIFIER_KEY)
+    predict = with_url(commands.add_parser("predict", help="labels for a few images",
+                                           description=NEEDS_CLASSIFIER), CLASSIFIER_KEY)
     predict.add_argument("images", nargs="+", type=Path)
 
     detect = with_thresholds(with_url(commands.add_parser(
         "detect", help="detections for a few images, optionally drawn",
         description="One request with every image; prints one JSON line per image: "
         '{"path", "width", "height", "detections": [{"label", "class_id", "score", "box": '
-        "[x1, y1, x2, y2]}]}, boxes in the image's pixels after its EXIF rotation, best first."),
+        "[x1, y1, x2, y2]}]}, boxes in the image's pixels after its EXIF rotation, best first. "
+        + NEEDS_DETECTOR),
         DETECTOR_KEY))
     detect.add_argument("images", nargs="+", type=Path)
     detect.add_argument("--draw", type=Path, metavar="OUTDIR",
@@ -96,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "OUTDIR/<stem>.boxes.png")
 
     folder = with_thresholds(with_url(commands.add_parser(
-        "folder", help="every image under a folder", epilog=FOLDER_OUTPUT,
+        "folder", help="every image under a folder", description=textwrap.fill(NEEDS_EITHER),
+        epilog=FOLDER_OUTPUT,
         formatter_class=argparse.RawDescriptionHelpFormatter), CLASSIFIER_KEY, DETECTOR_KEY))
     folder.add_argument("folder", type=Path)
     folder.add_argument("--out", type=Path, required=True,
@@ -105,8 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     offline = with_thresholds(commands.add_parser(
         "offline", help="a folder through the stored model, no server",
-        description="The model's card says its task; the output is `folder`'s. A detector's "
-        "default thresholds are configuration.yaml's (or $BENTOML_CONFIG's) `detection:`.",
+        description=textwrap.fill(
+            "The model's card says its task; the output is `folder`'s. A detector's default "
+            "thresholds are configuration.yaml's (or $BENTOML_CONFIG's) `detection:`. "
+            + NEEDS_OFFLINE),
         epilog=FOLDER_OUTPUT, formatter_class=argparse.RawDescriptionHelpFormatter))
     offline.add_argument("folder", type=Path)
     offline.add_argument("--out", type=Path, required=True,
@@ -115,14 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="model store tag, a classifier or a detector "
                          "(default digits-classifier:latest)")
 
-    smoke = with_url(commands.add_parser("smoke", help="check a fresh deployment"),
-                     CLASSIFIER_KEY)
+    smoke = with_url(commands.add_parser("smoke", help="check a fresh deployment",
+                                         description=NEEDS_CLASSIFIER), CLASSIFIER_KEY)
     smoke.add_argument("--image", type=Path, default=EXAMPLE)
     smoke.add_argument("--expect", default="7", help="the label --image must get")
     smoke.add_argument("--requests", type=int, default=50, help="for the latency percentiles")
 
-    load = with_url(commands.add_parser("load", help="closed-loop load, summary table"),
-                    CLASSIFIER_KEY)
+    load = with_url(commands.add_parser("load", help="closed-loop load, summary table",
+                                        description=NEEDS_CLASSIFIER), CLASSIFIER_KEY)
     load.add_argument("--image", type=Path, default=EXAMPLE)
     load.add_argument("--concurrency", type=int, default=8)
     load.add_argument("--duration", type=float, default=10, help="seconds")
@@ -153,8 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                                           concurrency=args.concurrency, api_key=args.api_key,
                                           options=detect_options(args))
         else:
-            from .offline import run_folder_offline
-
+            try:
+                from .offline import run_folder_offline
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").split(".")[0] not in OFFLINE_MODULES:
+                    raise
+                print(f"offline runs the model in this process and needs {exc.name}, which "
+                      f"is not installed: {OFFLINE_EXTRA}.", file=sys.stderr)
+                return 2
             answered, failed = run_folder_offline(args.model, args.folder, args.out,
                                                   options=detect_options(args))
         print(f"{answered} answered, {failed} failed -> {args.out}"
