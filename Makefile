@@ -114,7 +114,8 @@ bench: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-# Not in CI: 10 minutes at 80% of measured capacity; writes docs/soak.md.
+# Not in CI: 10 minutes at 80% of measured capacity, with the tests' bad input, multipart fuzz
+# and oversized bodies sent beside it (bench/abuse.py, --abuse-rate); writes docs/soak.md.
 soak: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
