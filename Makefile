@@ -11,7 +11,7 @@ DETECTOR ?= digits-detector:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector test test-fast lint build container container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
+.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector test test-fast lint build container container-gpu container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -22,8 +22,9 @@ help:
 	@echo "make train   train and export a new version of the default model"
 	@echo "make train-detector  train and export a new version of the default detector"
 	@echo "make build   bentoml build (the bento carries the model)"
-	@echo "make container        bentoml build + containerize -> image-classifier and object-detector images"
-	@echo "make container-smoke  build both, docker run, check them as a user would, clean up"
+	@echo "make container        bentoml build + containerize -> image-classifier and object-detector images (CPU, about 400 MB each)"
+	@echo "make container-gpu    the same with onnxruntime-gpu and the CUDA libraries -> image-classifier-gpu"
+	@echo "make container-smoke  build both CPU images, docker run, check them as a user would (size, uid, a killed worker), clean up"
 	@echo "make bench   runtime ceilings + servers under wrk load, classifiers and the detector -> docs/benchmarks.md (about 25 min)"
 	@echo "make bench-overhead  cost of request log, drift and a shadow to served latency -> docs/overhead.md"
 	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
@@ -89,10 +90,17 @@ build: model
 	$(BIN)/bentoml build
 
 # bentoml build + bentoml containerize (a local Debian base where Docker Hub is out of reach),
-# for both services: image-classifier:latest and object-detector:latest.
-# One of them: `make container CONTAINER_ARGS="--service detector"`.
+# for both services: image-classifier:latest and object-detector:latest, ONNX Runtime's CPU build.
+# One of them: `make container CONTAINER_ARGS="--service detector"`. Where no Docker engine
+# answers, it starts its own and leaves it running: it prints the DOCKER_HOST to use.
 container: model detector-model
 	$(BIN)/python deploy/container/container.py build $(CONTAINER_ARGS)
+
+# The classifier's GPU image, image-classifier-gpu:latest (deploy/container/bentofile.gpu.yaml):
+# onnxruntime-gpu with the CUDA and cuDNN wheels, several GB; they come from this machine's pip
+# mirrors where pip has some. Runs with `docker run --gpus all` (docs/deploy.md#gpu).
+container-gpu: model
+	$(BIN)/python deploy/container/container.py build --service classifier-gpu $(CONTAINER_ARGS)
 
 # The offline drift investigation: p-values per kernel and stream, and the embeddings figure
 # (about 2 min); writes docs/drift.md and docs/drift.png.
@@ -100,8 +108,10 @@ drift-report: model
 	$(BIN)/python -m train_export.drift_report
 
 # For each service (the classifier, then the detector): build, `docker run --network host`, check
-# /readyz, a prediction (/classify, or /detect on a composed scene), the model tag, a non-root
-# user, no torch and no training code inside; starts (and stops) its own dockerd if none answers.
+# /readyz, a prediction (/classify, or /detect on a composed scene), the model tag, the image size
+# (at most 450 MB), a numeric non-root user, the CPU ONNX Runtime, no compilers, git, torch or
+# training code inside, and a worker SIGKILLed under steady requests (back within 15 s, no request
+# lost but its own); starts (and stops) its own dockerd if none answers.
 container-smoke: model detector-model
 	$(BIN)/python deploy/container/container.py smoke $(CONTAINER_ARGS)
 

@@ -53,7 +53,9 @@ def sources_of(bento: bentoml.Bento) -> set[str]:
 
 def assert_serving_requirements_only(bento: bentoml.Bento) -> None:
     packages = requirements_of(bento)
-    assert {"bentoml", "onnxruntime-gpu", "pillow"} <= packages
+    # ONNX Runtime's CPU build (requirements/serving-cpu.txt): the GPU one is its own image.
+    assert {"bentoml", "onnxruntime", "pillow"} <= packages
+    assert "onnxruntime-gpu" not in packages, "both ONNX Runtime builds in one environment"
     leaked = packages & {"torch", "torchvision", "onnxscript", "onnx", "scikit-learn"}
     assert not leaked, f"training packages in the serving requirements: {leaked}"
 
@@ -68,6 +70,17 @@ def test_bento_carries_the_model_and_no_training_code(built_bento, trained_model
         f"training, test or development code in the bento: {sorted(sources)}"
     packed = {str(m.tag) for m in built_bento.info.all_models}
     assert trained_model in packed
+
+
+def test_both_bentos_containerize_with_the_slim_dockerfile(built_bento,
+                                                           built_detector_bento) -> None:
+    """Each bento keeps deploy/container/Dockerfile.template, which `bentoml containerize`
+    renders (tests/test_container.py checks what it renders)."""
+    for bento in (built_bento, built_detector_bento):
+        docker = Path(bento.path) / "env" / "docker"
+        assert (docker / "Dockerfile.template").read_text() == \
+            (ROOT / "deploy" / "container" / "Dockerfile.template").read_text(), bento.tag
+        assert "AS bento-venv" in (docker / "Dockerfile").read_text(), bento.tag
 
 
 def test_detector_bento_carries_only_the_detector_and_its_serving_code(
