@@ -11,11 +11,12 @@ DETECTOR ?= digits-detector:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector test test-fast lint build container container-gpu container-smoke bench bench-gpu bench-overhead bench-precision soak drift-report clean
+.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector serve-models test test-fast lint build container container-gpu container-smoke bench bench-gpu bench-models bench-overhead bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
 	@echo "make serve-detector  the same for the object detector (service:ObjectDetector)"
+	@echo "make serve-models    several models in one deployment (service:ModelServer, configuration.yaml)"
 	@echo "make test    create $(VENV) if needed and run the whole test suite"
 	@echo "make test-fast  the unit tests only: no model trained, no server (under a minute)"
 	@echo "make lint    ruff over the repository, mypy (strict on serving/)"
@@ -27,6 +28,7 @@ help:
 	@echo "make container-smoke  build both CPU images, docker run, check them as a user would (size, uid, a killed worker), clean up"
 	@echo "make bench   runtime ceilings + servers under wrk load, classifiers and the detector -> docs/benchmarks.md (about 25 min)"
 	@echo "make bench-overhead  cost of request log, drift and a shadow to served latency -> docs/overhead.md"
+	@echo "make bench-models  what each extra model costs a multi-model deployment -> docs/multi-model-cost.md"
 	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
 	@echo "make drift-report  offline drift investigation -> docs/drift.md + docs/drift.png"
 	@echo "make soak    10 min at 80% of measured capacity: errors and RSS -> docs/soak.md"
@@ -67,6 +69,11 @@ train-detector: venv
 
 serve-detector: detector-model
 	$(BIN)/bentoml serve service:ObjectDetector --host $(HOST) --port $(PORT)
+
+# Several models in one deployment (configuration.yaml's ModelServer block: the digits
+# classifier and the detector by default): docs/multi-model.md.
+serve-models: model detector-model
+	$(BIN)/bentoml serve service:ModelServer --host $(HOST) --port $(PORT)
 
 # The Swagger UI test drives Debian's Chromium (Playwright's own browser download needs internet);
 # the monitoring test runs Debian's Prometheus against a real server.
@@ -135,6 +142,11 @@ soak: $(BIN)/.bench-installed
 bench-overhead: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.overhead $(BENCH_ARGS)
+
+# What each extra model costs service:ModelServer (start time, RSS per worker); about 2 min;
+# writes docs/multi-model-cost.md.
+bench-models: $(BIN)/.bench-installed model detector-model
+	$(BIN)/python -m bench.models $(BENCH_ARGS)
 
 # fp32 / fp16 / int8 of the default model and a resnet18: accuracy and CPU throughput
 # (about 6 min, most of it training the resnet18 once); writes docs/precision.md.

@@ -111,4 +111,4 @@ class ImageClassifier:
 ImageClassifier = wiring.as_service(
     ImageClassifier, settings=SETTINGS, bentoml_config=BENTOML_SERVICE_CONFIG, models=MODELS,
     description_file="service.md", version=DEPLOYMENT.served[0].tag,
-    protocol=INPUTS.protocol)
+    protocols=[INPUTS.protocol])

@@ -119,4 +119,4 @@ class ObjectDetector:
 ObjectDetector = wiring.as_service(
     ObjectDetector, settings=SETTINGS, bentoml_config=BENTOML_SERVICE_CONFIG, models=MODELS,
     description_file="service-detector.md", version=DEPLOYMENT.served[0].tag,
-    protocol=INPUTS.protocol)
+    protocols=[INPUTS.protocol])

@@ -131,15 +131,19 @@ class Admission:
         api_key: str | None,
         limits_key: str = "limits",
         jobs: dict[str, JobRoute] | None = None,
+        route_limits: dict[str, tuple[LimitsSettings, str]] | None = None,
     ) -> None:
         self.app = app
         self.routes = routes
         self.jobs = jobs or {}
-        self.limits = limits
-        self.limits_key = limits_key  # where the limits live in configuration.yaml, for messages
+        self.default = Budget(limits, limits_key)
+        # A route with limits of its own (a model of several in one deployment: its limits and
+        # requests in flight); routes that name the same limits key share one budget.
+        budgets: dict[str, Budget] = {}
+        self.budgets = {path: budgets.setdefault(key, Budget(route_limit, key))
+                        for path, (route_limit, key) in (route_limits or {}).items()}
         self.public_exact, self.public_prefixes = split_public_paths(public_paths)
         self.api_key = api_key.encode() if api_key else None
-        self.in_flight = 0  # one event loop per worker process: a plain counter is enough
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,34 +166,37 @@ class Admission:
             return await refuse(send, "method_not_allowed",
                                 f"{scope['path']} takes POST with {route.how_to_send}",
                                 [(b"allow", b"POST")])
-        if refusal := self._check_headers(scope, route):
+        budget = self.budgets.get(scope["path"], self.default)
+        if refusal := self._check_headers(scope, route, budget):
             return await refuse(send, *refusal)
-        if self.in_flight >= self.limits.max_concurrency:
+        if budget.in_flight >= budget.limits.max_concurrency:
             return await refuse(
                 send, "too_many_requests",
-                f"this worker has {self.in_flight} requests in flight, its limit "
-                f"({self.limits_key}.max_concurrency); retry after the time in Retry-After",
-                self._retry_after())
-        self.in_flight += 1
+                f"this worker has {budget.in_flight} requests in flight, its limit "
+                f"({budget.key}.max_concurrency); retry after the time in Retry-After",
+                budget.retry_after())
+        budget.in_flight += 1
         try:
-            await self._admitted(scope, receive, send, route)
+            await self._admitted(scope, receive, send, route, budget)
         finally:
-            self.in_flight -= 1
+            budget.in_flight -= 1
 
-    async def _admitted(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
-        exchange = Exchange(receive, send, self.limits.max_request_bytes, route,
-                            self._retry_after(), self.limits_key)
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send, route: Route,
+                        budget: Budget) -> None:
+        limits = budget.limits
+        exchange = Exchange(receive, send, limits.max_request_bytes, route,
+                            budget.retry_after(), budget.key)
         if not route.timed:
             return await self.app(scope, exchange.receive, exchange.send)
         try:
-            async with asyncio.timeout(self.limits.request_timeout_s):
+            async with asyncio.timeout(limits.request_timeout_s):
                 await self.app(scope, exchange.receive, exchange.send)
         except TimeoutError:
             if exchange.response_started:
                 raise  # part of an answer is out: nothing better to do than close the connection
             await refuse(send, "timeout",
-                         f"no answer within {self.limits.request_timeout_s:g} s "
-                         f"({self.limits_key}.request_timeout_s); the service is busy or the "
+                         f"no answer within {limits.request_timeout_s:g} s "
+                         f"({budget.key}.request_timeout_s); the service is busy or the "
                          "input is slow to process: retry later or send smaller images")
 
     def _is_public(self, scope: Scope) -> bool:
@@ -201,7 +208,8 @@ class Admission:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
                                                                   self.api_key or b"")
 
-    def _check_headers(self, scope: Scope, route: Route) -> tuple[str, str] | None:
+    def _check_headers(self, scope: Scope, route: Route, budget: Budget
+                       ) -> tuple[str, str] | None:
         length = header(scope, b"content-length")
         chunked = "chunked" in header(scope, b"transfer-encoding").lower()
         has_body = chunked or (length.isdigit() and int(length) > 0)
@@ -210,13 +218,22 @@ class Admission:
             return ("unsupported_media_type",
                     f"{scope['path']} takes {route.media_type}, not {media_type or 'no type'}: "
                     f"send {route.how_to_send}")
-        if length.isdigit() and int(length) > self.limits.max_request_bytes:
-            return ("request_too_large",
-                    body_too_large(f"{int(length)} bytes", self.limits.max_request_bytes,
-                                   self.limits_key))
+        limit = budget.limits.max_request_bytes
+        if length.isdigit() and int(length) > limit:
+            return ("request_too_large", body_too_large(f"{int(length)} bytes", limit, budget.key))
         return None
 
-    def _retry_after(self) -> Headers:
+
+class Budget:
+    """The limits one group of routes answers under, and its requests in flight in this worker
+    (one event loop per worker process: a plain counter is enough)."""
+
+    def __init__(self, limits: LimitsSettings, key: str) -> None:
+        self.limits = limits
+        self.key = key  # where the limits live in configuration.yaml, for messages
+        self.in_flight = 0
+
+    def retry_after(self) -> Headers:
         return [(b"retry-after", str(self.limits.retry_after_s).encode())]
 
 

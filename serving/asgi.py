@@ -1,4 +1,4 @@
-"""ASGI types and header helpers shared by the service's middlewares (admission, request log)."""
+"""ASGI types and helpers shared by the service's middlewares (admission, request log, aliases)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,18 @@ def header(scope: Scope, name: bytes) -> str:
         if key == name:
             return str(value.decode("latin-1"))
     return ""
+
+
+class PathAliases:
+    """Requests to one path answered as another's (`aliases`: path -> path), before anything
+    else sees them: a deployment's default model answers its unprefixed routes."""
+
+    def __init__(self, app: ASGIApp, *, aliases: dict[str, str]) -> None:
+        self.app = app
+        self.aliases = aliases
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = self.aliases.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if target is not None:
+            scope = {**scope, "path": target, "raw_path": target.encode()}
+        await self.app(scope, receive, send)

@@ -41,6 +41,7 @@ STATUS: dict[str, HTTPStatus] = {
     "invalid_option": HTTPStatus.UNPROCESSABLE_ENTITY,
     "invalid_input": HTTPStatus.UNPROCESSABLE_ENTITY,
     "too_many_requests": HTTPStatus.TOO_MANY_REQUESTS,
+    "rate_limited": HTTPStatus.TOO_MANY_REQUESTS,
     "overloaded": HTTPStatus.SERVICE_UNAVAILABLE,
     "timeout": HTTPStatus.GATEWAY_TIMEOUT,
 }

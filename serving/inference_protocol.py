@@ -81,17 +81,24 @@ class ProtocolModel:
     outputs: tuple[TensorSpec, ...]
     max_images: int
     max_pixels: int
+    stored_tag: str = ""  # its tag in the model store (the name may be the deployment's own)
     platform: str = "onnxruntime_onnx"
 
     @classmethod
     def of(cls, tag: str, channels: int, outputs: Sequence[TensorSpec], max_images: int,
-           max_pixels: int) -> ProtocolModel:
-        name, _, version = tag.partition(":")
-        return cls(name, version, channels, tuple(outputs), max_images, max_pixels)
+           max_pixels: int, name: str | None = None) -> ProtocolModel:
+        """The model stored under `tag`, served under its store name or `name`."""
+        stored_name, _, version = tag.partition(":")
+        return cls(name or stored_name, version, channels, tuple(outputs), max_images,
+                   max_pixels, tag)
 
     @property
     def infer_route(self) -> str:
         return f"/v2/models/{self.name}/infer"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
 
     @property
     def input(self) -> TensorSpec:
@@ -366,16 +373,20 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
 
 class ProtocolRoutes:
     """The protocol's routes other than infer, and `/health`; inside admission, so the API key
-    and the request log apply (security.public_paths opens the health routes)."""
+    and the request log apply (security.public_paths opens the health routes). `models`: the
+    served models, the default first."""
 
-    def __init__(self, app: ASGIApp, *, model: ProtocolModel, service_name: str) -> None:
+    def __init__(self, app: ASGIApp, *, models: Sequence[ProtocolModel],
+                 service_name: str) -> None:
         self.app = app
-        self.model = model
+        self.models = {model.name: model for model in models}
+        self.default = models[0]
+        self.infer_routes = {model.infer_route for model in models}
         self.service_name = service_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path == self.model.infer_route \
+        if scope["type"] != "http" or path in self.infer_routes \
                 or not (path == "/health" or path == "/v2" or path.startswith("/v2/")):
             return await self.app(scope, receive, send)
         status, document = await self._answer(scope)
@@ -391,7 +402,7 @@ class ProtocolRoutes:
             return (200 if ready else 503), {
                 "status": "healthy" if ready else "unavailable", "model_loaded": ready,
                 "gpu_available": gpu_available(),
-                "model": f"{self.model.name}:{self.model.version}"}
+                "model": self.default.stored_tag or self.default.tag}
         if path == "/v2":
             return 200, {"name": self.service_name, "version": "2",
                          "extensions": ["binary_tensor_data"]}
@@ -403,26 +414,28 @@ class ProtocolRoutes:
         parts = path.split("/")[3:] if path.startswith("/v2/models/") else None
         if not parts:
             return 404, _error("not_found", f"no route {path}: the protocol's routes are "
-                               f"/v2/health/live, /v2/health/ready and /v2/models/"
-                               f"{self.model.name}[/versions/<version>][/ready|/infer]")
+                               f"/v2/health/live, /v2/health/ready and /v2/models/<name>"
+                               f"[/versions/<version>][/ready|/infer]")
         name, rest = parts[0], parts[1:]
-        if name != self.model.name:
-            return 404, _error("unknown_model", f"no model {name!r}: this server serves "
-                               f"{self.model.name!r} (GET /v2/models/{self.model.name})")
+        model = self.models.get(name)
+        if model is None:
+            names = ", ".join(repr(n) for n in self.models)
+            return 404, _error("unknown_model", f"no model {name!r}: this server serves {names} "
+                               f"(GET /v2/models/<name>)")
         if rest[:1] == ["versions"]:
-            if len(rest) < 2 or rest[1] != self.model.version:
+            if len(rest) < 2 or rest[1] != model.version:
                 return 404, _error("unknown_model", f"model {name!r} has no version "
                                    f"{rest[1] if len(rest) > 1 else ''!r}: it serves version "
-                                   f"{self.model.version!r}")
+                                   f"{model.version!r}")
             rest = rest[2:]
         if rest == []:
-            return 200, self.model.metadata()
+            return 200, model.metadata()
         if rest == ["ready"]:
             ready = await self._ready(scope)
             return (200 if ready else 503), {"name": name, "ready": ready}
         if rest == ["infer"]:  # another method than POST on the infer route
             return 405, _error("method_not_allowed",
-                               f"{path} takes POST with {how_to_send(self.model)}")
+                               f"{path} takes POST with {how_to_send(model)}")
         return 404, _error("not_found", f"no route {path}")
 
     async def _ready(self, scope: Scope) -> bool:
@@ -464,17 +477,17 @@ class ProtocolPaths:
     paths an error's `error` carries its code and reason, since the protocol's clients
     (tritonclient, KServe's) show that field alone."""
 
-    def __init__(self, app: ASGIApp, *, model: ProtocolModel) -> None:
+    def __init__(self, app: ASGIApp, *, models: Sequence[ProtocolModel]) -> None:
         self.app = app
-        self.model = model
-        self.versioned_infer = (f"/v2/models/{model.name}/versions/{model.version}/infer")
+        self.versioned_infer = {
+            f"/v2/models/{model.name}/versions/{model.version}/infer": model.infer_route
+            for model in models}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v2"):
             return await self.app(scope, receive, send)
-        if scope["path"] == self.versioned_infer:
-            scope = {**scope, "path": self.model.infer_route,
-                     "raw_path": self.model.infer_route.encode()}
+        if route := self.versioned_infer.get(scope["path"]):
+            scope = {**scope, "path": route, "raw_path": route.encode()}
         await self.app(scope, receive, ProtocolErrors(send).send)
 
 

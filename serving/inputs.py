@@ -3,7 +3,8 @@
 BentoML validates a request's fields with pydantic while it parses the request; the validators
 here run then, so that a bad image fails only its own request (a 4xx with our error code), and
 decoding runs while the request is parsed, beside the batch that is running, not behind it. Each
-image is routed to its variant here too, once per request.
+image is routed to its variant here too, once per request. With the result cache on
+(serving/cache.py), an upload is routed, then looked up by its bytes before it is decoded.
 
 Every endpoint's input type carries a `HowToSend` text; `how_to_send(api)` reads it (or derives
 it from the API's JSON fields), so the refusals for a wrong Content-Type or a missing field always
@@ -25,12 +26,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import metrics
+from .cache import CacheKey, CacheSlot, ResultCache, upload_digest
 from .deployment import Deployment
 from .errors import STATUS, RejectedInput, as_validation_error, error_body
 from .inference_protocol import ProtocolModel, TensorSpec
 from .inference_protocol import how_to_send as protocol_how_to_send
-from .predictor import Item, JobFile, Task
+from .predictor import NO_PIXELS, Item, JobFile, Task
 from .preprocess import InvalidTensor, open_image, tensor_shapes, validate_tensor
+from .settings import ServiceSettings
 from .uploads import NOT_A_FILE, NotAFile, RequestOptions, TooManyImages, request_fields
 
 # BentoML's contextvar for the request being parsed (the same for every service in a process).
@@ -97,11 +100,18 @@ class Inputs:
     replace the value with our own objects (Item, JobFile) before the API method sees it.
     """
 
-    def __init__(self, deployment: Deployment, task: Task) -> None:
+    def __init__(self, deployment: Deployment, task: Task, name: str | None = None) -> None:
+        """`name`: the model's name in the routes (default: its name in the store)."""
         self.deployment = deployment
         self.task = task
         self.spec = deployment.card.input
         self.limits = deployment.settings.limits
+        cache = deployment.settings.cache
+        self.cache = ResultCache(cache.max_entries, cache.max_bytes) if cache.enabled else None
+        # What shapes an answer besides its image, model and request options: the sections a
+        # task adds to the service's settings (the classifier's top_k), part of every cache key.
+        self.answer_settings = deployment.settings.model_dump_json(
+            exclude=set(ServiceSettings.model_fields))
         shapes = tensor_shapes(self.spec)
         # Per-request options the task takes (a detector's thresholds), beside every input.
         options = [RequestOptions(task.options_model)] if task.options_model else []
@@ -129,7 +139,7 @@ class Inputs:
         self.protocol = ProtocolModel.of(
             deployment.served[0].tag, self.spec.channels,
             [TensorSpec(*output) for output in task.tensor_outputs],
-            self.limits.max_images_per_request, self.limits.max_image_pixels)
+            self.limits.max_images_per_request, self.limits.max_image_pixels, name)
         self.protocol_images: Any = Annotated[
             list[Any], WrapValidator(self._decode_protocol_images), self.protocol,
             HowToSend(protocol_how_to_send(self.protocol))]
@@ -167,14 +177,29 @@ class Inputs:
         if upload.size is not None:
             metrics.upload_bytes().observe(upload.size)
         try:
+            options = self.request_options(current_request())
+            key = self._cache_key(upload, options)  # None: the cache is off
+            hit = self.cache.lookup(key) if self.cache is not None and key is not None else None
+            if hit is not None:  # nothing to decode or run: the predictor answers it as it was
+                metrics.image_pixels().observe(hit.pixels)
+                return Item(NO_PIXELS, received_at, self.route(), cached=hit)
             image = open_image(upload.file)  # the header only: size known before decoding
             metrics.image_pixels().observe(image.width * image.height)
-            options = self.request_options(current_request())
             pixels, context = self.task.decode(image, self.spec, self.limits.max_image_pixels,
                                                options)
         except RejectedInput as exc:
             raise as_validation_error(exc) from None
-        return Item(pixels, received_at, self.route(), context)
+        slot = (CacheSlot(self.cache, key, image.width * image.height)
+                if self.cache is not None and key is not None else None)
+        return Item(pixels, received_at, self.route(), context, cache_slot=slot)
+
+    def _cache_key(self, upload: UploadFile, options: Any) -> CacheKey | None:
+        """What the cache knows this upload's answer by (None: the cache is off). Routes the
+        request first: the answering model's exact tag is part of the key."""
+        if self.cache is None:
+            return None
+        tag = self.deployment.served[self.route()].tag
+        return CacheKey(upload_digest(upload.file), tag, options, self.answer_settings)
 
     def _decode_protocol_images(self, images: Any, _parse: ValidatorFunctionWrapHandler
                                 ) -> list[Item]:

@@ -177,6 +177,31 @@ def shadow_dropped() -> Counter:
     )
 
 
+def _cache_counter(name: str, documentation: str) -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(name, documentation, labelnames=["model"], namespace=NAMESPACE)
+
+
+@functools.cache
+def cache_hits() -> Counter:
+    return _cache_counter("cache_hits", "Uploads answered from the result cache, without "
+                          "decoding or inference (hit ratio = hits / (hits + misses)).")
+
+
+@functools.cache
+def cache_misses() -> Counter:
+    return _cache_counter("cache_misses", "Uploads looked up in the result cache and not "
+                          "found (then decoded and run, and their answers kept).")
+
+
+@functools.cache
+def cache_evictions() -> Counter:
+    return _cache_counter("cache_evictions", "Answers dropped from the result cache, least "
+                          "recently used first, to stay within cache.max_entries and "
+                          "cache.max_bytes.")
+
+
 @functools.cache
 def image_pixels() -> Histogram:
     from prometheus_client import Histogram

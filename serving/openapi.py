@@ -16,6 +16,7 @@ protocol's request and answer, not the batch types BentoML derives from the API'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,15 @@ def with_protocol_schemas(spec: dict[str, Any], model: ProtocolModel) -> dict[st
 
 def described_service(description_file: str, version: str,
                       secured_except: list[str] | None = None,
-                      protocol: ProtocolModel | None = None) -> type[bentoml.Service[Any]]:
+                      protocols: Sequence[ProtocolModel] = ()) -> type[bentoml.Service[Any]]:
     """A BentoML Service class whose OpenAPI `info` is its own: the Markdown file
     `docs/<description_file>` from source (the bentofile's description, the bento's README,
     once built), and `version`, the served model's tag. `secured_except`: the service needs an
-    API key on every path but these (security.public_paths); None: no key. `protocol`: the
-    served model's Open Inference Protocol route, described as the protocol's."""
+    API key on every path but these (security.public_paths); None: no key. `protocols`: the
+    served models' Open Inference Protocol routes, described as the protocol's."""
     transforms: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
-    if protocol is not None:
-        transforms.append(lambda spec: with_protocol_schemas(spec, protocol))
+    for protocol in protocols:
+        transforms.append(functools.partial(with_protocol_schemas, model=protocol))
     if secured_except is not None:
         transforms.append(lambda spec: with_bearer_scheme(spec, secured_except))
     written = rewritten(transforms) if transforms else None

@@ -6,6 +6,11 @@ lets the task turn outputs into answers, records them in /metrics, and offers th
 shadow. The task (serving/classification.py, ...) supplies what differs: the outputs it reads, the
 post-processing, its metrics and how a shadow's answer is compared.
 
+Rows the result cache answered (serving/cache.py) come through the batcher too, with their answer:
+they are not run, so the drift windows and the shadow see real inferences only; /metrics counts
+them with the others (answers per class, confidence, processing time), since they are answers
+given. New answers are stored in the cache.
+
 Plain Python over plain objects: unit-testable with a fake runtime, no server needed.
 """
 
@@ -20,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel
 
+from .cache import CachedAnswer, CacheSlot
 from .contract import GraphSpec, InputSpec
 from .drift import DriftMonitor
 from .errors import RejectedInput
@@ -36,6 +42,11 @@ class Item:
     received_at: float  # time.perf_counter() when the server received it
     variant: int  # index of the served model that answers it
     context: Any = None  # per image, for the task's post-processing (a detector's letterbox)
+    cached: CachedAnswer | None = None  # the result cache's answer: not run (array: NO_PIXELS)
+    cache_slot: CacheSlot | None = None  # where its answer is stored once it has one
+
+
+NO_PIXELS = np.empty(0, np.uint8)  # the array of an Item the cache answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +126,24 @@ class Predictor:
 
     def predict_tensors(self, batch: Sequence[Item]) -> list[dict[str, Any]]:
         """The same batch path, answered as the task's tensors per image (the Open Inference
-        Protocol's outputs: serving/inference_protocol.py)."""
+        Protocol's outputs: serving/inference_protocol.py). Its items are never cached: the
+        outputs of every row are needed."""
         answers, outputs = self._answer(batch)
         return self.task.tensors(outputs, self.graph, answers, [item.context for item in batch])
 
     def _answer(self, batch: Sequence[Item]) -> tuple[list[Any], dict[str, np.ndarray]]:
+        """Answers in batch order, and the outputs of the rows that were run."""
+        fresh = [item for item in batch if item.cached is None]
+        outputs, answers, seconds = self._infer(fresh) if fresh else ({}, [], [])
+        if len(fresh) < len(batch):
+            answers, seconds = with_cached(batch, answers, seconds)
+        self.task.record(answers, seconds)
+        return answers, outputs
+
+    def _infer(self, batch: Sequence[Item]
+               ) -> tuple[dict[str, np.ndarray], list[Any], list[float]]:
+        """Rows to run -> their outputs, answers (stored in the cache where it is on) and
+        seconds since each was received."""
         pixels = np.stack([item.array for item in batch])
         variants = np.fromiter((item.variant for item in batch), np.intp, len(batch))
         outputs = self._run_variants(pixels, variants)
@@ -129,10 +153,12 @@ class Predictor:
         contexts = [item.context for item in batch]
         answers = self.task.postprocess(outputs, self.graph, contexts, tags,
                                         [s * 1000.0 for s in seconds])
-        self.task.record(answers, seconds)
+        for item, answer in zip(batch, answers):
+            if item.cache_slot is not None:
+                item.cache_slot.store(answer)
         if self.shadow is not None:
             self.shadow.offer(pixels, answers, tags, contexts)
-        return answers, outputs
+        return outputs, answers, seconds
 
     def predict_files(self, files: Sequence[JobFile], spec: InputSpec, max_pixels: int,
                       batch_size: int) -> list[Any | RejectedInput]:
@@ -199,3 +225,21 @@ class Predictor:
             monitor.observe(outputs[self.graph.features_name])
         return outputs
 
+
+def with_cached(batch: Sequence[Item], answers: Sequence[Any], seconds: Sequence[float]
+                ) -> tuple[list[Any], list[float]]:
+    """The answers of the rows that were run (in order), with the cache's answers in their
+    places; each cached answer's processing time is its own, from receipt to now."""
+    done = time.perf_counter()
+    computed = iter(zip(answers, seconds))
+    merged: list[Any] = []
+    elapsed: list[float] = []
+    for item in batch:
+        if item.cached is None:
+            answer, spent = next(computed)
+        else:
+            spent = done - item.received_at
+            answer = item.cached.answer(spent * 1000.0)
+        merged.append(answer)
+        elapsed.append(spent)
+    return merged, elapsed

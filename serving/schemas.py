@@ -30,6 +30,7 @@ class Prediction(BaseModel):
                 ],
                 "model": "digits-classifier:5qd3x2bxvo6a2aav",
                 "processing_ms": 3.1,
+                "cached": False,
             }
         },
     )
@@ -42,6 +43,10 @@ class Prediction(BaseModel):
     processing_ms: float = Field(
         description="Server-side time from receiving the image to answering, in milliseconds."
     )
+    cached: bool = Field(
+        default=False,
+        description="Answered from the result cache (cache.enabled): the same bytes, model and "
+        "options were answered before, and nothing was decoded or run for this one.")
 
 
 class DetectedObject(BaseModel):
@@ -67,6 +72,7 @@ class DetectionResult(BaseModel):
                 ],
                 "width": 240, "height": 160,
                 "model": "digits-detector:4xq2l7bxvo6a2aav", "processing_ms": 8.4,
+                "cached": False,
             }
         },
     )
@@ -78,6 +84,10 @@ class DetectionResult(BaseModel):
     processing_ms: float = Field(
         description="Server-side time from receiving the image to answering, in milliseconds."
     )
+    cached: bool = Field(
+        default=False,
+        description="Answered from the result cache (cache.enabled): the same bytes, model and "
+        "options were answered before, and nothing was decoded or run for this one.")
 
 
 class JobItem(BaseModel):

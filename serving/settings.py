@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from bentoml.exceptions import BentoMLException
@@ -256,26 +256,106 @@ class RequestLogSettings(_Section):
     )
 
 
+class CacheSettings(_Section):
+    """Answers kept per worker and given again for the same upload bytes, model tag and options
+    (serving/cache.py, docs/caching-and-rate-limits.md); /classify and /detect uploads only."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Off: every upload is decoded and run. On: a repeated upload is answered "
+        "from memory, `cached: true`, without decoding or inference.")
+    max_entries: int = Field(default=10_000, gt=0, description="Answers kept per worker.")
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0,
+        description="Memory the answers may take per worker (each answer's JSON plus 512 bytes "
+        "for its key and bookkeeping); the least recently used go first.")
+
+
+ClientKey = Literal["api_key", "client_id", "remote_address"]
+
+
+class RateLimitSettings(_Section):
+    """A token bucket per client on the model endpoints (serving/rate_limit.py,
+    docs/caching-and-rate-limits.md); over it: 429 `rate_limited` with Retry-After."""
+
+    enabled: bool = False
+    requests_per_s: float = Field(
+        default=10.0, gt=0,
+        description="A client's sustained rate for the whole service. Each of the N worker "
+        "processes enforces requests_per_s / N: the sum never exceeds the rate, and a client "
+        "whose requests all reach one worker (one keep-alive connection) gets 1/N of it.")
+    burst: int = Field(
+        default=20, ge=1,
+        description="Requests a client may send at once above the rate: its bucket's size "
+        "(burst / N per worker, at least 1).")
+    client_key: list[ClientKey] = Field(
+        default=["api_key", "client_id", "remote_address"], min_length=1,
+        description="How a client is known: the first of these its request has. api_key: its "
+        "bearer token; client_id: its X-Client-ID header; remote_address: the connection's "
+        "peer (behind a proxy, the proxy's). A request with none shares one bucket with the "
+        "others that have none.")
+    max_clients: int = Field(
+        default=10_000, gt=0,
+        description="Buckets a worker keeps; past it, the least recently seen client's bucket "
+        "is dropped (it starts again full).")
+
+    @model_validator(mode="after")
+    def _each_key_once(self) -> RateLimitSettings:
+        if len(set(self.client_key)) != len(self.client_key):
+            raise ValueError(f"rate_limit.client_key lists a key twice ({self.client_key})")
+        return self
+
+
 class ResponseSettings(_Section):
     top_k: int = Field(default=3, ge=1, description="Classes listed per image in `top_k`.")
 
 
-class ServiceSettings(_Section):
-    """The operational sections every service has; a task adds its own (ClassifierSettings)."""
+class SharedSettings(_Section):
+    """What the HTTP surface of any service needs: its limits, API key and request log
+    (serving/wiring.py). A single-model service adds its model's sections (ServiceSettings);
+    the multi-model one, its list of models (ModelServerSettings)."""
 
-    model: ModelSettings = ModelSettings()
-    rollout: RolloutSettings = RolloutSettings()
-    batching: BatchingSettings = BatchingSettings()
     limits: LimitsSettings = LimitsSettings()
     security: SecuritySettings = SecuritySettings()
-    drift: DriftSettings = DriftSettings()
     request_log: RequestLogSettings = RequestLogSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
     # Which service these are: set by parse_settings, read by error messages and defaults.
     _where: ServiceSection = PrivateAttr(default=CLASSIFIER)
 
     @property
     def where(self) -> ServiceSection:
         return self._where
+
+    def api_key(self) -> str | None:
+        """The configured API key, or None when the service runs without one."""
+        if self.security.api_key_file is not None:
+            path = self.security.api_key_file
+            if not path.is_file():
+                raise ConfigurationError(
+                    f"security.api_key_file {path} does not exist: mount the secret there or "
+                    "remove the setting."
+                )
+            key = path.read_text().strip()
+        else:
+            variable = self.security.api_key_env or self._where.api_key_env
+            key = os.environ.get(variable, "").strip()
+        if key and len(key) < MIN_API_KEY_LENGTH:
+            raise ConfigurationError(
+                f"the API key is {len(key)} characters; use at least {MIN_API_KEY_LENGTH}, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return key or None
+
+
+class ServiceSettings(SharedSettings):
+    """The operational sections every single-model service has; a task adds its own
+    (ClassifierSettings)."""
+
+    model: ModelSettings = ModelSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    batching: BatchingSettings = BatchingSettings()
+    drift: DriftSettings = DriftSettings()
+    cache: CacheSettings = CacheSettings()
 
     @property
     def model_tag(self) -> str:
@@ -315,26 +395,6 @@ class ServiceSettings(_Section):
             tags.append(self.rollout.shadow.tag)
         return list(dict.fromkeys(tags))
 
-    def api_key(self) -> str | None:
-        """The configured API key, or None when the service runs without one."""
-        if self.security.api_key_file is not None:
-            path = self.security.api_key_file
-            if not path.is_file():
-                raise ConfigurationError(
-                    f"security.api_key_file {path} does not exist: mount the secret there or "
-                    "remove the setting."
-                )
-            key = path.read_text().strip()
-        else:
-            variable = self.security.api_key_env or self._where.api_key_env
-            key = os.environ.get(variable, "").strip()
-        if key and len(key) < MIN_API_KEY_LENGTH:
-            raise ConfigurationError(
-                f"the API key is {len(key)} characters; use at least {MIN_API_KEY_LENGTH}, e.g. "
-                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-            )
-        return key or None
-
 
 class ClassifierSettings(ServiceSettings):
     """`services.ImageClassifier.image_classifier`."""
@@ -366,6 +426,84 @@ class DetectorSettings(ServiceSettings):
 Settings = ClassifierSettings  # the classifier's, under the name callers have always used
 
 
+# --- many models in one deployment (models_service.py) --------------------------------------------
+
+MODEL_SERVER = ServiceSection(
+    service="ModelServer",
+    section="model_server",
+    default_model="digits-classifier:latest",
+    model_tag_env="MODEL_SERVER_MODEL_TAG",
+    api_key_env="MODEL_SERVER_API_KEY",
+    how_to_train="`python -m train_export` (or an import: docs/models.md)",
+)
+# A model's name is a path segment (/models/<name>/classify) and the protocol's model name.
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_SHARED_ONLY = ("security", "request_log")  # one per deployment, not per model
+
+
+class _ModelEntry:
+    """What a model entry adds to a single-model service's settings: its name and task."""
+
+    @model_validator(mode="after")
+    def _shared_sections_stay_shared(self) -> Any:
+        fields_set: set[str] = getattr(self, "model_fields_set", set())
+        for name in _SHARED_ONLY:
+            if name in fields_set:
+                raise ValueError(f"{name} is one per deployment: set model_server.{name}, not "
+                                 "a model's")
+        return self
+
+
+class ClassifierEntry(_ModelEntry, ClassifierSettings):
+    name: str = Field(pattern=MODEL_NAME_PATTERN,
+                      description="Its routes' path segment and its protocol name.")
+    task: Literal["classification"]
+
+
+class DetectorEntry(_ModelEntry, DetectorSettings):
+    name: str = Field(pattern=MODEL_NAME_PATTERN,
+                      description="Its routes' path segment and its protocol name.")
+    task: Literal["detection"]
+
+
+ModelEntry = Annotated[ClassifierEntry | DetectorEntry, Field(discriminator="task")]
+DEFAULT_TAGS = {"classification": CLASSIFIER.default_model, "detection": DETECTOR.default_model}
+
+
+class ModelServerSettings(SharedSettings):
+    """`services.ModelServer.model_server`: several models, each with its own sections (model,
+    rollout, batching, limits, drift, and its task's), served by one process set. Requests
+    without a model name go to `default_model` (the first model of their task otherwise)."""
+
+    default_model: str | None = Field(default=None, description="A model's name; default: "
+                                      "the first listed.")
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_are_unique_and_default_exists(self) -> ModelServerSettings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: a name is listed twice ({names}); names must be unique")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not a listed model's "
+                             f"name ({names})")
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.models[0].name
+
+    def place_models(self) -> None:
+        """Each model's settings learn where they live (for messages) and their defaults."""
+        for index, entry in enumerate(self.models):
+            variable = "MODEL_SERVER_" + "".join(c if c.isalnum() else "_"
+                                                 for c in entry.name.upper()) + "_MODEL_TAG"
+            entry._where = ServiceSection(
+                service=self._where.service, section=f"{self._where.section}.models[{index}]",
+                default_model=DEFAULT_TAGS[entry.task], model_tag_env=variable,
+                api_key_env=self._where.api_key_env, how_to_train=self._where.how_to_train)
+
+
 def config_path() -> Path:
     return Path(os.environ.get("BENTOML_CONFIG") or DEFAULT_CONFIG_PATH)
 
@@ -392,7 +530,7 @@ def _service_block(document: dict[str, Any], where: ServiceSection) -> dict[str,
 
 def parse_settings(document: dict[str, Any], source: str = "configuration.yaml",
                    where: ServiceSection = CLASSIFIER,
-                   model: type[ServiceSettings] = ClassifierSettings) -> Any:
+                   model: type[SharedSettings] = ClassifierSettings) -> Any:
     """Our section of one service's block, validated into `model` (ClassifierSettings by
     default); every problem is named by its full path, with the value that was given."""
     try:
@@ -405,10 +543,12 @@ def parse_settings(document: dict[str, Any], source: str = "configuration.yaml",
         )
         raise ConfigurationError(f"invalid settings in {source}:\n{problems}") from None
     settings._where = where
+    if isinstance(settings, ModelServerSettings):
+        settings.place_models()
     return settings
 
 
-def service_config(document: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
+def service_config(document: dict[str, Any], settings: SharedSettings) -> dict[str, Any]:
     """BentoML's own settings for the service (`services.<Service>` less our section), passed
     to `@bentoml.service` so that they apply without BENTOML_CONFIG; when BENTOML_CONFIG is set,
     BentoML reads the same file and the values agree.
@@ -418,12 +558,15 @@ def service_config(document: dict[str, Any], settings: ServiceSettings) -> dict[
     block = _service_block(document, settings.where)
     block.pop(settings.where.section, None)
     traffic = dict(block.get("traffic") or {})
-    traffic.setdefault("timeout", settings.limits.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S)
+    timeouts = [settings.limits.request_timeout_s]
+    if isinstance(settings, ModelServerSettings):  # each model's own timeout, the longest
+        timeouts += [model.limits.request_timeout_s for model in settings.models]
+    traffic.setdefault("timeout", max(timeouts) + BENTOML_TIMEOUT_MARGIN_S)
     block["traffic"] = traffic
     return block
 
 
-def load(where: ServiceSection = CLASSIFIER, model: type[ServiceSettings] = ClassifierSettings
+def load(where: ServiceSection = CLASSIFIER, model: type[SharedSettings] = ClassifierSettings
          ) -> tuple[Any, dict[str, Any]]:
     """The settings of one service and BentoML's own configuration of it, from the file."""
     path = config_path()

@@ -4,11 +4,13 @@ order (the request log outside admission, so that refusals are logged with their
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import bentoml
 
 from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
+from .asgi import PathAliases
 from .inference_protocol import (
     ProtocolModel,
     ProtocolPaths,
@@ -18,8 +20,9 @@ from .inference_protocol import (
 )
 from .inputs import how_to_send
 from .openapi import described_service
+from .rate_limit import install_rate_limit
 from .request_log import RequestLog
-from .settings import ServiceSettings
+from .settings import LimitsSettings, ServiceSettings, SharedSettings
 from .uploads import install_parsers
 
 
@@ -29,10 +32,17 @@ def batching(settings: ServiceSettings) -> dict[str, Any]:
             "max_latency_ms": settings.batching.max_latency_ms}
 
 
-def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str, Any],
+def as_service(cls: type, *, settings: SharedSettings, bentoml_config: dict[str, Any],
                models: dict[str, bentoml.models.BentoModel], description_file: str,
-               version: str, protocol: ProtocolModel) -> bentoml.Service[Any]:
-    """`cls` as a BentoML service with its models packed, its description and middlewares."""
+               version: str, protocols: Sequence[ProtocolModel],
+               route_limits: dict[str, tuple[LimitsSettings, str]] | None = None,
+               aliases: dict[str, str] | None = None,
+               inner: Sequence[tuple[type, dict[str, Any]]] = ()) -> bentoml.Service[Any]:
+    """`cls` as a BentoML service with its models packed, its description and middlewares.
+    `protocols`: the Open Inference Protocol's view of each served model (the default first);
+    `route_limits`: routes with limits of their own (a model's, in a multi-model deployment);
+    `aliases`: paths answered as other paths (a default model's routes); `inner`: middlewares
+    (class, options) of the service's own, inside admission."""
     # `bentoml build` packs the models named by the service's class attributes: one per tag.
     for number, model in enumerate(models.values()):
         setattr(cls, f"model_{number}", model)
@@ -40,9 +50,9 @@ def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str
     # With a key, the OpenAPI spec declares it, so that the Swagger UI offers "Authorize".
     secured_except = settings.security.public_paths if api_key else None
     service: bentoml.Service[Any] = bentoml.service(
-        service_class=described_service(description_file, version, secured_except, protocol),
+        service_class=described_service(description_file, version, secured_except, protocols),
         **bentoml_config)(cls)
-    install_middlewares(service, settings, api_key, protocol)
+    install_middlewares(service, settings, api_key, protocols, route_limits, aliases, inner)
     return service
 
 
@@ -51,18 +61,25 @@ def as_service(cls: type, *, settings: ServiceSettings, bentoml_config: dict[str
 PROTOCOL_MEDIA_TYPES = ("application/octet-stream", "")
 
 
-def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings,
-                        api_key: str | None, protocol: ProtocolModel) -> None:
+def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
+                        api_key: str | None, protocols: Sequence[ProtocolModel],
+                        route_limits: dict[str, tuple[LimitsSettings, str]] | None = None,
+                        aliases: dict[str, str] | None = None,
+                        inner: Sequence[tuple[type, dict[str, Any]]] = ()) -> None:
     install_parsers()
     install_parser()
     quiet_client_error_tracebacks()
     routes = admission_routes(
         service.apis, how_to_send,
         lambda api: PROTOCOL_MEDIA_TYPES if declared_protocol(api.input_spec) else ())
-    # Added first, so outermost: the protocol's paths and error shape, around everything.
-    service.add_asgi_middleware(ProtocolPaths, model=protocol)
+    # Added first, so outermost: paths that are other paths, then the protocol's paths and
+    # error shape, around everything.
+    if aliases:
+        service.add_asgi_middleware(PathAliases, aliases=aliases)
+    service.add_asgi_middleware(ProtocolPaths, models=protocols)
     if settings.request_log.enabled:  # before Admission: outside it
         service.add_asgi_middleware(RequestLog, routes=routes)
+    install_rate_limit(service, settings, routes)  # outside Admission: serving/rate_limit.py
     service.add_asgi_middleware(
         Admission,
         routes=routes,
@@ -71,6 +88,9 @@ def install_middlewares(service: bentoml.Service[Any], settings: ServiceSettings
         api_key=api_key,
         limits_key=settings.where.key("limits"),
         jobs=job_routes(service.apis, how_to_send),
+        route_limits=route_limits,
     )
     # Inside admission: the key and the limits apply (the health routes are public paths).
-    service.add_asgi_middleware(ProtocolRoutes, model=protocol, service_name=service.name)
+    service.add_asgi_middleware(ProtocolRoutes, models=protocols, service_name=service.name)
+    for middleware, options in inner:
+        service.add_asgi_middleware(middleware, **options)

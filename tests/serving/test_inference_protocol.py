@@ -138,7 +138,7 @@ def fake_app(ready: bool):
 
 
 def routes(ready: bool = True) -> ProtocolRoutes:
-    return ProtocolRoutes(fake_app(ready), model=MODEL, service_name="Digits")
+    return ProtocolRoutes(fake_app(ready), models=[MODEL], service_name="Digits")
 
 
 def test_health_before_the_model_is_ready() -> None:
@@ -180,11 +180,11 @@ def test_versioned_infer_path_and_error_shape() -> None:
                     "headers": [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    answer = run_asgi(ProtocolPaths(refusing, model=MODEL),
+    answer = run_asgi(ProtocolPaths(refusing, models=[MODEL]),
                       http_scope("/v2/models/digits/versions/v1/infer"))
     assert seen == [MODEL.infer_route]
     assert answer.json() == {"error": "invalid_tensor: send UINT8", "detail": "send UINT8"}
     assert int(answer.headers["content-length"]) == len(answer.body)
-    run_asgi(ProtocolPaths(refusing, model=MODEL),
+    run_asgi(ProtocolPaths(refusing, models=[MODEL]),
              http_scope("/v2/models/digits/versions/v9/infer"))
     assert seen[-1] == "/v2/models/digits/versions/v9/infer"  # answered 404 further in
