@@ -438,7 +438,7 @@ MODEL_SERVER = ServiceSection(
 )
 # A model's name is a path segment (/models/<name>/classify) and the protocol's model name.
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
-_SHARED_ONLY = ("security", "request_log")  # one per deployment, not per model
+_SHARED_ONLY = ("security", "request_log", "rate_limit")  # one per deployment, not per model
 
 
 class _ModelEntry:
