@@ -1,22 +1,24 @@
 """Shadow: a candidate model sees a copy of the traffic; its answers are compared, never returned.
 
 Off the served models' CPU: the candidate runs in a process of its own, one per worker, started
-with 'spawn' (a fork would copy the worker's ONNX Runtime threads mid-state). That process lowers
-its CPU priority before it loads anything (nice 19 and, on Linux, SCHED_IDLE: it gets the cores
-the served models leave idle), and runs a one-thread ONNX Runtime session. In a thread it would
+with 'spawn' (a fork would copy the worker's ONNX Runtime threads mid-state). That process loads
+the model, then lowers its CPU priority (nice 19 and, on Linux, SCHED_IDLE: it gets the cores
+the served models leave idle) and runs a one-thread ONNX Runtime session. In a thread it would
 share the worker's GIL, which a low-priority thread holds while the scheduler keeps it waiting.
 
 On the request path only bookkeeping: the batch just answered (its pixels, answers and per-image
-contexts) is put on a queue of `queue_batches` batches without waiting; when the queue is full
-the copy is dropped and counted, so the shadow can neither hold up answers nor grow memory. The
-queue's own thread pickles the copy (compactly: Copy.__reduce__). The shadow's process infers
-and compares (the task's agreement, which needs the dense outputs) and sends back per image
-whether it agreed, a few times a second; a thread of the worker records that in /metrics and
-the log, so the metrics live where BentoML collects them.
+contexts) joins the copies that a thread of the worker gathers for a few milliseconds, then
+pickles (compactly: Copy.__reduce__) and sends together. At most `queue_batches` copies gather,
+and at most `queue_batches` wait for the shadow (a copy keeps its place until the shadow starts
+on it); a copy with no room is dropped and counted, never waited for, so the shadow can neither
+hold up answers nor grow memory. The shadow's process infers and compares
+(the task's agreement, which needs the dense outputs) and sends back per image whether it
+agreed, a few times a second; a thread of the worker records that in /metrics and the log, so
+the metrics live where BentoML collects them.
 
 If the shadow's process dies, the served traffic goes on: its unanswered images and every later
-copy are counted as dropped, and the worker logs it once. The process exits with its worker
-(daemonic, and it checks that its parent is still there).
+copy are counted as dropped, and the worker logs it once. The process exits with its worker:
+daemonic, and the pipe it reads closes when the worker dies, even when it is killed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import numpy as np
@@ -52,7 +55,7 @@ LOG_EVERY_IMAGES = 1000
 # shadow's process is, when neither has anything to say.
 POLL_S = 1.0
 # The worker sends copies together: its thread waits this long after a first copy for more (or
-# until `queue_batches` are waiting), then pickles and sends them at once. A message per copy
+# until `queue_batches` are gathered), then pickles and sends them at once. A message per copy
 # costs the worker two to four times as much CPU per copy.
 GATHER_S = 0.02
 # The shadow's process sends its results together, at most this often: a few messages a second
@@ -168,8 +171,8 @@ class Shadow:
         self._compared = self._agreed = 0
         metrics.shadow_dropped().labels(tag).inc(0)  # the series exists (at 0) from the start
         context = multiprocessing.get_context("spawn")
-        # A copy holds a place from its offer until the shadow starts on it: at most
-        # `queue_batches` wait, wherever they are (the outbox, the pipe, the shadow's process).
+        # A sent copy holds a place until the shadow starts on it: at most `queue_batches` wait
+        # in the pipe and the shadow's process.
         self._places = context.BoundedSemaphore(queue_batches)
         receiver, self._copies = context.Pipe(duplex=False)
         self._results: Results = context.Queue()
@@ -203,7 +206,7 @@ class Shadow:
             served_models = [served_models[i] for i in picked]
             contexts = [contexts[i] for i in picked]
         with self._lock:
-            if self._stopped or not self._places.acquire(False):  # full: dropped, not queued
+            if self._stopped or len(self._outbox) >= self.queue_batches:  # dropped, not queued
                 self._drop(len(pixels))
                 return
             number = self._numbers
@@ -241,7 +244,6 @@ class Shadow:
                 logger.info("shadow %s loaded in process %s", self.tag, self._process.pid)
                 return
             if isinstance(message, Failed):
-                self._process.join()
                 raise RuntimeError(f"shadow model {self.tag} did not load:\n{message.error}")
 
     def _send(self) -> None:
@@ -257,8 +259,16 @@ class Shadow:
                 if self._stopped:  # what is pending is counted as dropped (_lost)
                     return
                 copies, self._outbox = self._outbox, []
+                placed = []
+                for copy in copies:
+                    if self._places.acquire(False):
+                        placed.append(copy)
+                    elif self._pending.pop(copy.number, None) is not None:  # enough waiting
+                        self._drop(len(copy.pixels))
+            if not placed:
+                continue
             try:
-                self._copies.send(copies)  # waits while the pipe is full, never on a request
+                self._copies.send(placed)  # waits while the pipe is full, never on a request
             except (OSError, ValueError):  # the process is gone: the collector counts it
                 return
 
@@ -335,15 +345,16 @@ class Shadow:
 
 def run_shadow(load: Callable[[], ShadowRuntime], agreement: Agreement, copies: Connection,
                places: Any, results: Results) -> None:
-    """The shadow's process: lowest priority, load the model, then compare every copy it gets
-    until the worker is gone (its end of the pipe closes, even when it is killed)."""
+    """The shadow's process: load the model (at normal priority: the worker's start waits for
+    it, even on a busy CPU), then at the lowest priority compare every copy it gets until the
+    worker is gone (its end of the pipe closes, even when it is killed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the worker, which stops this
-    lower_priority()
     try:
         runtime = load()
     except Exception:
         results.put(Failed(-1, traceback.format_exc()))
         return
+    lower_priority()
     results.put(Ready())
     outbox: list[Compared | Failed] = []
     send_at = 0.0
@@ -378,11 +389,13 @@ def compare(runtime: ShadowRuntime, agreement: Agreement, copy: Copy) -> Compare
 
 
 def lower_priority() -> None:
-    """This process (and the threads it starts later) at nice 19, and SCHED_IDLE on Linux: it
-    runs when the served models leave a core idle."""
-    # Not a POSIX system, or not allowed: normal priority, still a process of its own.
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-    if hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    """Every thread of this process (and those it starts later) at nice 19, and SCHED_IDLE on
+    Linux: it runs when the served models leave a core idle."""
+    tasks = Path("/proc/self/task")  # Linux: per thread; elsewhere the process (0) will do
+    for thread in [int(task.name) for task in tasks.iterdir()] if tasks.is_dir() else [0]:
+        # Not a POSIX system, or not allowed: normal priority, still a process of its own.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, thread, 19)
+        if hasattr(os, "SCHED_IDLE"):
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
