@@ -158,7 +158,7 @@ def shadow_seconds() -> Histogram:
 
     return Histogram(
         "shadow_inference_seconds",
-        "Time the shadow model took per batch (its own thread, off the request path).",
+        "Time the shadow model took per batch (its own process, off the request path).",
         labelnames=["shadow"],
         namespace=NAMESPACE,
         buckets=LATENCY_BUCKETS,
