@@ -81,9 +81,12 @@ def with_protocol_schemas(spec: dict[str, Any], model: ProtocolModel) -> dict[st
     if isinstance(operation, dict):
         request, answer = openapi_schemas(model)
         operation["requestBody"] = {"content": {"application/json": {"schema": request}}}
-        operation.setdefault("responses", {})["200"] = {
-            "description": "Successful Response",
-            "content": {"application/json": {"schema": answer}}}
+        responses = operation.setdefault("responses", {})
+        # BentoML keys its responses by int: replace its 200, never add a second "200".
+        for status in [key for key in responses if str(key) == "200"]:
+            del responses[status]
+        responses[200] = {"description": "Successful Response",
+                          "content": {"application/json": {"schema": answer}}}
     return spec
 
 

@@ -46,7 +46,9 @@ def test_held_out_digits_via_raw_multipart(server, digits) -> None:
     correct = sum(label == str(y) for label, (_, y) in zip(labels, digits[60:]))
     assert correct / len(labels) >= 0.95, f"accuracy {correct}/{len(labels)} over raw HTTP"
     first = answers[0].json()[0]
-    assert set(first) == {"label", "class_id", "confidence", "top_k", "model", "processing_ms"}
+    assert set(first) == {"label", "class_id", "confidence", "top_k", "model", "processing_ms",
+                          "cached"}
+    assert first["cached"] is False  # the cache is off as shipped
     assert len(first["top_k"]) == 3 and first["top_k"][0]["label"] == first["label"]
     assert first["processing_ms"] > 0
 

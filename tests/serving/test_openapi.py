@@ -3,6 +3,8 @@ outside security.public_paths (the Swagger UI then shows "Authorize")."""
 
 from __future__ import annotations
 
+import json
+
 import yaml
 from bentoml._internal.service.openapi.specification import Info, OpenAPISpecification
 
@@ -34,3 +36,21 @@ def test_the_secured_spec_is_written_with_the_scheme_as_json_and_as_yaml() -> No
     assert isinstance(spec, OpenAPISpecification)
     assert BEARER in spec.asdict()["components"]["securitySchemes"]
     assert BEARER in yaml.safe_load(yaml.dump(spec))["components"]["securitySchemes"]
+
+
+def test_the_protocol_route_is_described_as_the_protocol_once() -> None:
+    """BentoML keys responses by int: the protocol's 200 replaces it, so that the JSON has one
+    "200" (a duplicate key breaks the Swagger UI's parser)."""
+    from serving.inference_protocol import ProtocolModel, TensorSpec
+    from serving.openapi import with_protocol_schemas
+
+    model = ProtocolModel.of("digits:v1", 1, [TensorSpec("label", "BYTES", (-1,))], 4, 100)
+    spec = {"paths": {model.infer_route: {"post": {
+        "requestBody": {}, "responses": {200: {"description": "batch"}, 400: {}}}}}}
+    written = json.dumps(with_protocol_schemas(spec, model))
+    pairs: list[list[str]] = []
+    json.loads(written, object_pairs_hook=lambda p: pairs.append([k for k, _ in p]) or dict(p))
+    assert all(len(keys) == len(set(keys)) for keys in pairs), "a duplicate key"
+    responses = json.loads(written)["paths"][model.infer_route]["post"]["responses"]
+    assert set(responses) == {"200", "400"}
+    assert "outputs" in responses["200"]["content"]["application/json"]["schema"]["properties"]
