@@ -56,11 +56,12 @@ SETUPS = [
 
 def rss_mb(process: psutil.Process) -> tuple[float, float]:
     """(the largest worker's RSS, the whole tree's), in MB."""
-    children = process.children(recursive=True)
-    workers = [c for c in children if "_bentoml_impl.worker" in " ".join(c.cmdline())]
-    tree = sum(p.memory_info().rss for p in [process, *children])
+    from bench.load import rss_mb as tree_rss_mb
+
+    workers = [c for c in process.children(recursive=True)
+               if "_bentoml_impl.worker" in " ".join(c.cmdline())]
     worker = max((w.memory_info().rss for w in workers), default=0)
-    return worker / 2**20, tree / 2**20
+    return worker / 2**20, tree_rss_mb(process.pid)
 
 
 def measure(name: str, target: str, config: dict, calls: list[tuple[str, Path]],

@@ -62,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--note", default="",
                         help="said of the machine in the report (e.g. that it is shared)")
     parser.add_argument("--micro", action="store_true",
-                        help="only time a request log line and a drift test, and print them")
+                        help="only time a request log line, a drift test and a shadow copy (sent "
+                        "and compared, or dropped), and print them")
     return parser.parse_args()
 
 

@@ -98,6 +98,8 @@ def main() -> None:
         rss_series = RssSampler(RSS_EVERY_S, running.pid)
         soak = load(args.minutes * 60, SOAK_CONNECTIONS, target)
         rss_series.stop()
+        # The series ends where the table does: the load's own RSS reading at its end.
+        rss_series.samples.append(soak.server_rss_end_mb)
         if abuse:
             abuse.stop()
         soak_abuse = abuse.take() if abuse else Tally()
@@ -145,7 +147,7 @@ uploads: their answers are the abusive 2xx.{stopped}
 | RSS growth | **{growth:+.1f}%** |
 | server CPU | {soak.server_cpu_cores:.2f} cores |
 
-RSS of all server processes (MB), every {RSS_EVERY_S} s from the start of the soak:
+RSS of all server processes (MB), every {RSS_EVERY_S} s from the start of the soak, and at its end:
 {" ".join(f"{mb:.0f}" for mb in rss_series.samples)}
 
 Abusive answers that were a 5xx, none, or not what was expected (first {KEPT_EXAMPLES} of each kind):{examples}

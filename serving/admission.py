@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send, header
+from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send, bearer_token, header
 from .errors import STATUS, error_body, from_bentoml_validation
 from .metrics import rejected_requests
 from .settings import LimitsSettings
@@ -203,10 +203,9 @@ class Admission:
         return is_public_path(scope["path"], self.public_exact, self.public_prefixes)
 
     def _has_api_key(self, scope: Scope) -> bool:
-        scheme, _, token = header(scope, b"authorization").partition(" ")
+        token = bearer_token(scope)
         # compare_digest: the time taken does not tell how much of a guess was right.
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                                  self.api_key or b"")
+        return bool(token) and hmac.compare_digest(token.encode(), self.api_key or b"")
 
     def _check_headers(self, scope: Scope, route: Route, budget: Budget
                        ) -> tuple[str, str] | None:

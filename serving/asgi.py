@@ -13,6 +13,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 
+def bearer_token(scope: Scope) -> str:
+    """The token of an `Authorization: Bearer <token>` header, or "" when there is none."""
+    scheme, _, token = header(scope, b"authorization").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def header(scope: Scope, name: bytes) -> str:
     """The first value of a request header (`name` in lower case), or "" when absent."""
     for key, value in scope["headers"]:

@@ -32,10 +32,9 @@ from _bentoml_impl import serde
 from PIL import Image
 from starlette.requests import Request
 
-from .admission import is_error_body
+from .admission import is_error_body, refuse
 from .asgi import ASGIApp, Message, Receive, Scope, Send
-from .errors import RejectedInput, error_body
-from .metrics import rejected_requests
+from .errors import RejectedInput
 from .preprocess import ImageTooLarge, InvalidTensor
 from .runtime import gpu_available
 from .uploads import OptionsJSONSerde, TooManyImages, keep_fields, validation_error
@@ -81,7 +80,7 @@ class ProtocolModel:
     outputs: tuple[TensorSpec, ...]
     max_images: int
     max_pixels: int
-    stored_tag: str = ""  # its tag in the model store (the name may be the deployment's own)
+    stored_tag: str  # its tag in the model store (the name may be the deployment's own)
     platform: str = "onnxruntime_onnx"
 
     @classmethod
@@ -95,10 +94,6 @@ class ProtocolModel:
     @property
     def infer_route(self) -> str:
         return f"/v2/models/{self.name}/infer"
-
-    @property
-    def tag(self) -> str:
-        return f"{self.name}:{self.version}"
 
     @property
     def input(self) -> TensorSpec:
@@ -330,7 +325,7 @@ def infer_response(request: InferRequest, model: ProtocolModel,
     and the headers that say how to read it."""
     names = list(request.outputs) or [o.name for o in model.outputs]
     tags = {str(row[MODEL_TAG]) for row in rows if MODEL_TAG in row}
-    version = (tags.pop() if len(tags) == 1 else model.name + ":" + model.version)
+    version = tags.pop().partition(":")[2] if len(tags) == 1 else model.version
     outputs, blobs = [], []
     for spec in (o for o in model.outputs if o.name in names):
         values = np.stack([np.asarray(row[spec.name]) for row in rows])
@@ -346,8 +341,8 @@ def infer_response(request: InferRequest, model: ProtocolModel,
             entry["data"] = [str(v) for v in values.ravel()] if spec.datatype == "BYTES" \
                 else values.ravel().tolist()
         outputs.append(entry)
-    document: dict[str, Any] = {"model_name": model.name,
-                                "model_version": version.partition(":")[2], "outputs": outputs}
+    document: dict[str, Any] = {"model_name": model.name, "model_version": version,
+                                "outputs": outputs}
     if request.id is not None:
         document["id"] = request.id
     header = json.dumps(document).encode()
@@ -371,6 +366,14 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
     return bytes(out)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A protocol route's 4xx, answered by admission's `refuse` (code -> status: serving/errors)."""
+
+    code: str
+    detail: str
+
+
 class ProtocolRoutes:
     """The protocol's routes other than infer, and `/health`; inside admission, so the API key
     and the request log apply (security.public_paths opens the health routes). `models`: the
@@ -389,20 +392,27 @@ class ProtocolRoutes:
         if scope["type"] != "http" or path in self.infer_routes \
                 or not (path == "/health" or path == "/v2" or path.startswith("/v2/")):
             return await self.app(scope, receive, send)
-        status, document = await self._answer(scope)
-        allow = [(b"allow", b"GET")] if status == 405 else []
-        await _answer(send, status, json.dumps(document).encode(), allow)
+        answer = await self._answer(scope)
+        if isinstance(answer, Refusal):  # the same body, status and count as every refusal
+            allow = [(b"allow", b"GET")] if answer.code == "method_not_allowed" else []
+            return await refuse(send, answer.code, answer.detail, allow)
+        status, document = answer
+        body = json.dumps(document).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
-    async def _answer(self, scope: Scope) -> tuple[int, dict[str, Any]]:
+    async def _answer(self, scope: Scope) -> tuple[int, dict[str, Any]] | Refusal:
         path = scope["path"].rstrip("/") or "/"
         if scope["method"] not in ("GET", "HEAD") and not path.endswith("/infer"):
-            return 405, _error("method_not_allowed", f"{path} takes GET, not {scope['method']}")
+            return Refusal("method_not_allowed", f"{path} takes GET, not {scope['method']}")
         if path == "/health":
             ready = await self._ready(scope)
             return (200 if ready else 503), {
                 "status": "healthy" if ready else "unavailable", "model_loaded": ready,
                 "gpu_available": gpu_available(),
-                "model": self.default.stored_tag or self.default.tag}
+                "model": self.default.stored_tag}
         if path == "/v2":
             return 200, {"name": self.service_name, "version": "2",
                          "extensions": ["binary_tensor_data"]}
@@ -413,20 +423,20 @@ class ProtocolRoutes:
             return (200 if ready else 503), {"ready": ready}
         parts = path.split("/")[3:] if path.startswith("/v2/models/") else None
         if not parts:
-            return 404, _error("not_found", f"no route {path}: the protocol's routes are "
-                               f"/v2/health/live, /v2/health/ready and /v2/models/<name>"
-                               f"[/versions/<version>][/ready|/infer]")
+            return Refusal("not_found", f"no route {path}: the protocol's routes are "
+                           f"/v2/health/live, /v2/health/ready and /v2/models/<name>"
+                           f"[/versions/<version>][/ready|/infer]")
         name, rest = parts[0], parts[1:]
         model = self.models.get(name)
         if model is None:
             names = ", ".join(repr(n) for n in self.models)
-            return 404, _error("unknown_model", f"no model {name!r}: this server serves {names} "
-                               f"(GET /v2/models/<name>)")
+            return Refusal("unknown_model", f"no model {name!r}: this server serves {names} "
+                           f"(GET /v2/models/<name>)")
         if rest[:1] == ["versions"]:
             if len(rest) < 2 or rest[1] != model.version:
-                return 404, _error("unknown_model", f"model {name!r} has no version "
-                                   f"{rest[1] if len(rest) > 1 else ''!r}: it serves version "
-                                   f"{model.version!r}")
+                return Refusal("unknown_model", f"model {name!r} has no version "
+                               f"{rest[1] if len(rest) > 1 else ''!r}: it serves version "
+                               f"{model.version!r}")
             rest = rest[2:]
         if rest == []:
             return 200, model.metadata()
@@ -434,9 +444,9 @@ class ProtocolRoutes:
             ready = await self._ready(scope)
             return (200 if ready else 503), {"name": name, "ready": ready}
         if rest == ["infer"]:  # another method than POST on the infer route
-            return 405, _error("method_not_allowed",
-                               f"{path} takes POST with {how_to_send(model)}")
-        return 404, _error("not_found", f"no route {path}")
+            return Refusal("method_not_allowed",
+                           f"{path} takes POST with {how_to_send(model)}")
+        return Refusal("not_found", f"no route {path}")
 
     async def _ready(self, scope: Scope) -> bool:
         """Ready as /readyz says: the model is loaded and answering."""
@@ -454,22 +464,6 @@ class ProtocolRoutes:
                  "query_string": b""}
         await self.app(probe, receive, send)
         return bool(status == 200)
-
-
-def _error(code: str, detail: str) -> dict[str, Any]:
-    document: dict[str, Any] = json.loads(error_body(code, detail))
-    return document
-
-
-async def _answer(send: Send, status: int, body: bytes,
-                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    if status >= 400:  # counted with every other refusal
-        code = json.loads(body).get("error", "")
-        rejected_requests().labels(reason=code, status=str(status)).inc()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ProtocolPaths:

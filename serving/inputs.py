@@ -14,7 +14,7 @@ say what to send, and a new endpoint cannot forget to.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import bentoml
@@ -176,30 +176,32 @@ class Inputs:
             raise as_validation_error(NotAFile(NOT_A_FILE))
         if upload.size is not None:
             metrics.upload_bytes().observe(upload.size)
+        variant = self.route()  # first: the answering model's exact tag is in the cache key
         try:
             options = self.request_options(current_request())
-            key = self._cache_key(upload, options)  # None: the cache is off
-            hit = self.cache.lookup(key) if self.cache is not None and key is not None else None
-            if hit is not None:  # nothing to decode or run: the predictor answers it as it was
+            slot = self._cache_slot(upload, variant, options)
+            if slot is not None and (hit := slot.cache.lookup(slot.key)) is not None:
+                # Nothing to decode or run: the predictor answers it as it was.
                 metrics.image_pixels().observe(hit.pixels)
-                return Item(NO_PIXELS, received_at, self.route(), cached=hit)
+                return Item(NO_PIXELS, received_at, variant, cached=hit)
             image = open_image(upload.file)  # the header only: size known before decoding
             metrics.image_pixels().observe(image.width * image.height)
             pixels, context = self.task.decode(image, self.spec, self.limits.max_image_pixels,
                                                options)
         except RejectedInput as exc:
             raise as_validation_error(exc) from None
-        slot = (CacheSlot(self.cache, key, image.width * image.height)
-                if self.cache is not None and key is not None else None)
-        return Item(pixels, received_at, self.route(), context, cache_slot=slot)
+        if slot is not None:  # its size, for the cache's record of what it answers
+            slot = replace(slot, pixels=image.width * image.height)
+        return Item(pixels, received_at, variant, context, cache_slot=slot)
 
-    def _cache_key(self, upload: UploadFile, options: Any) -> CacheKey | None:
-        """What the cache knows this upload's answer by (None: the cache is off). Routes the
-        request first: the answering model's exact tag is part of the key."""
+    def _cache_slot(self, upload: UploadFile, variant: int, options: Any) -> CacheSlot | None:
+        """Where this upload's answer is kept (None: the cache is off): its key is the upload's
+        bytes, the answering model's exact tag and everything that changes the answer."""
         if self.cache is None:
             return None
-        tag = self.deployment.served[self.route()].tag
-        return CacheKey(upload_digest(upload.file), tag, options, self.answer_settings)
+        key = CacheKey(upload_digest(upload.file), self.deployment.served[variant].tag, options,
+                       self.answer_settings)
+        return CacheSlot(self.cache, key, 0)
 
     def _decode_protocol_images(self, images: Any, _parse: ValidatorFunctionWrapHandler
                                 ) -> list[Item]:

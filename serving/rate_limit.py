@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .admission import refuse
-from .asgi import ASGIApp, Receive, Scope, Send, header
+from .asgi import ASGIApp, Receive, Scope, Send, bearer_token, header
 from .settings import ClientKey, RateLimitSettings, SharedSettings
 
 
@@ -75,9 +75,8 @@ def client_of(scope: Scope, keys: Sequence[ClientKey]) -> tuple[str, str]:
     refusal). Secrets and long headers are kept as digests."""
     for key in keys:
         if key == "api_key":
-            scheme, _, token = header(scope, b"authorization").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return f"api_key:{_digest(token.strip())}", "this API key"
+            if token := bearer_token(scope):
+                return f"api_key:{_digest(token)}", "this API key"
         elif key == "client_id":
             client_id = header(scope, b"x-client-id").strip()
             if client_id:

@@ -51,8 +51,8 @@ from .contract import GraphSpec
 logger = logging.getLogger("bentoml.image_classifier.shadow")
 # A summary line after the first batch, then per this many images compared, per worker.
 LOG_EVERY_IMAGES = 1000
-# How often the shadow's process checks that its worker is alive, and the worker that its
-# shadow's process is, when neither has anything to say.
+# How often the worker's threads check that its shadow's process is alive when it has nothing to
+# say (the process itself exits on the end of its pipe when its worker dies).
 POLL_S = 1.0
 # The worker sends copies together: its thread waits this long after a first copy for more (or
 # until `queue_batches` are gathered), then pickles and sends them at once. A message per copy
@@ -231,15 +231,21 @@ class Shadow:
     def _drop(self, images: int) -> None:
         metrics.shadow_dropped().labels(self.tag).inc(images)
 
-    def _wait_until_loaded(self) -> None:
+    def _next_result(self) -> Any:
+        """The shadow process's next message; None once the process has exited without one."""
         while True:
             try:
-                message = self._results.get(timeout=POLL_S)
+                return self._results.get(timeout=POLL_S)
             except queue.Empty:
-                if self._process.is_alive():
-                    continue
+                if not self._process.is_alive():
+                    return None
+
+    def _wait_until_loaded(self) -> None:
+        while True:
+            message = self._next_result()
+            if message is None:
                 raise RuntimeError(f"the process of shadow model {self.tag} exited with code "
-                                   f"{self._process.exitcode} while it loaded") from None
+                                   f"{self._process.exitcode} while it loaded")
             if isinstance(message, Ready):
                 logger.info("shadow %s loaded in process %s", self.tag, self._process.pid)
                 return
@@ -276,23 +282,20 @@ class Shadow:
         """The worker's thread that records the shadow's results, until its process exits."""
         while True:
             try:
-                message = self._results.get(timeout=POLL_S)
-            except queue.Empty:
-                if self._process.is_alive():
-                    continue
-                self._lost()
-                return
+                message = self._next_result()
             except (EOFError, OSError, ValueError):  # closed
+                return
+            if message is None:
+                self._lost()
                 return
             try:
                 self._record(message)
             except Exception:  # a bookkeeping failure must never reach the served traffic
                 logger.exception("recording a result of shadow %s failed", self.tag)
 
-    def _record(self, message: Ready | Failed | list[Compared | Failed]) -> None:
-        """Results of several copies: per served model, how many images agreed or not."""
-        if not isinstance(message, list):
-            return
+    def _record(self, message: list[Compared | Failed]) -> None:
+        """Results of several copies: per served model, how many images agreed or not (Ready
+        and a load's Failed were taken by _wait_until_loaded before this runs)."""
         with self._lock:
             models = [self._pending.pop(result.number, ()) for result in message]
         counts: Counter[tuple[str, bool]] = Counter()

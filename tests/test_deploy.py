@@ -482,18 +482,6 @@ def test_the_in_flight_gauge_the_adapter_reads_is_exported(server) -> None:
 
 # --- the container bentofiles and Prometheus ------------------------------------------------------
 
-def test_the_local_base_bentofile_differs_only_in_its_base_image() -> None:
-    """deploy/container/bentofile.local-base.yaml is for machines without Docker Hub: the same
-    bento, built on a local Debian base."""
-    shipped = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    local = yaml.safe_load(
-        (ROOT / "deploy" / "container" / "bentofile.local-base.yaml").read_text())
-    base = local["docker"].pop("base_image")
-    assert local == shipped
-    source = (ROOT / "deploy" / "container" / "container.py").read_text()
-    assert f'LOCAL_BASE = "{base}"' in source
-
-
 def test_the_gpu_bentofile_adds_only_cuda_libraries_and_the_gpu_configuration() -> None:
     shipped = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     gpu = yaml.safe_load((ROOT / "deploy" / "container" / "bentofile.gpu.yaml").read_text())

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import prometheus_client
 import pytest
-from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 
 from serving.cache import (
@@ -31,7 +30,14 @@ from serving.predictor import NO_PIXELS, Item, Predictor
 from serving.routing import Router
 from serving.schemas import ClassScore, DetectedObject, DetectionResult, Prediction
 from serving.settings import ClassifierSettings
-from tests.serving.test_predictor import GRAPH, LABELS, SPEC, FakeRuntime, RecordingMonitor
+from tests.serving.test_predictor import (
+    GRAPH,
+    LABELS,
+    SPEC,
+    FakeRuntime,
+    RecordingMonitor,
+    png,
+)
 
 
 def prediction(label: str = "7", model: str = "m:1", processing_ms: float = 12.5) -> Prediction:
@@ -216,12 +222,6 @@ def test_a_batch_of_cached_rows_runs_nothing_and_is_counted_by_class() -> None:
 
 
 # --- the upload validator: routed, then looked up before decoding ------------------------------
-
-def png(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (10, 6), value).save(buffer, "PNG")
-    return buffer.getvalue()
-
 
 def upload(data: bytes) -> UploadFile:
     return UploadFile(io.BytesIO(data), size=len(data), filename="a.png",

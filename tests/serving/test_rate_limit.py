@@ -183,10 +183,13 @@ def test_a_burst_smaller_than_the_workers_still_lets_one_request_through_per_wor
     assert run_asgi(middleware, scope()).status == 200
 
 
-def test_the_worker_count_is_bentomls() -> None:
+def test_the_worker_count_is_bentomls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert worker_count({"workers": 3}) == 3
     assert worker_count({}) == 1
-    assert worker_count({"workers": "cpu_count"}) >= 1
+    import bentoml._internal.resource as resource
+
+    monkeypatch.setattr(resource, "system_resources", lambda: {"cpu": 3.0})
+    assert worker_count({"workers": "cpu_count"}) == 3  # the cores BentoML counts
 
 
 class FakeService:

@@ -221,7 +221,7 @@ def test_the_shadow_process_exits_when_its_worker_is_killed() -> None:
     try:
         assert worker.stdout is not None
         child = psutil.Process(int(worker.stdout.readline()))
-        worker.kill()  # no atexit, no terminate of daemonic children: only the PID check is left
+        worker.kill()  # no atexit, no terminate of daemonic children: the child sees its pipe end
         worker.wait()
         try:
             child.wait(timeout=WAIT_S)
