@@ -40,6 +40,8 @@ from .uploads import NOT_A_FILE, NotAFile, RequestOptions, TooManyImages, reques
 _CONTEXT = bentoml.Context()
 # Where a request's parsed options are kept, so that every image of it uses the same object.
 _OPTIONS_KEY = "image_service_options"
+# Set once the request's variant has been counted in routed_requests.
+_ROUTED_KEY = "image_service_routed"
 
 
 @dataclass(frozen=True)
@@ -156,15 +158,24 @@ class Inputs:
             state[_OPTIONS_KEY] = self.task.options(request_fields(request))
         return state[_OPTIONS_KEY]
 
-    def route(self) -> int:
-        """The variant of the request being parsed; chosen and counted once per request."""
+    def variant(self) -> int:
+        """The variant of the request being parsed, chosen once per request; not yet counted."""
         request = current_request()
-        router = self.deployment.router
         if request is None:
-            return router.choose(None)
-        index, chosen_now = router.for_request(request)
-        if chosen_now:
-            metrics.routed_requests().labels(self.deployment.served[index].tag).inc()
+            return self.deployment.router.choose(None)
+        index, _ = self.deployment.router.for_request(request)
+        return index
+
+    def route(self) -> int:
+        """The variant of a request with at least one accepted image; counted once per request
+        (a request refused before any image is accepted is not routed to a model)."""
+        index = self.variant()
+        request = current_request()
+        if request is not None:
+            state = request.scope.setdefault("state", {})
+            if state.get(_ROUTED_KEY) is None:
+                state[_ROUTED_KEY] = index
+                metrics.routed_requests().labels(self.deployment.served[index].tag).inc()
         return index
 
     def _decode_upload(self, upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler
@@ -176,14 +187,14 @@ class Inputs:
             raise as_validation_error(NotAFile(NOT_A_FILE))
         if upload.size is not None:
             metrics.upload_bytes().observe(upload.size)
-        variant = self.route()  # first: the answering model's exact tag is in the cache key
+        variant = self.variant()  # first: the answering model's exact tag is in the cache key
         try:
             options = self.request_options(current_request())
             slot = self._cache_slot(upload, variant, options)
             if slot is not None and (hit := slot.cache.lookup(slot.key)) is not None:
                 # Nothing to decode or run: the predictor answers it as it was.
                 metrics.image_pixels().observe(hit.pixels)
-                return Item(NO_PIXELS, received_at, variant, cached=hit)
+                return Item(NO_PIXELS, received_at, self.route(), cached=hit)
             image = open_image(upload.file)  # the header only: size known before decoding
             metrics.image_pixels().observe(image.width * image.height)
             pixels, context = self.task.decode(image, self.spec, self.limits.max_image_pixels,
@@ -192,7 +203,7 @@ class Inputs:
             raise as_validation_error(exc) from None
         if slot is not None:  # its size, for the cache's record of what it answers
             slot = replace(slot, pixels=image.width * image.height)
-        return Item(pixels, received_at, variant, context, cache_slot=slot)
+        return Item(pixels, received_at, self.route(), context, cache_slot=slot)
 
     def _cache_slot(self, upload: UploadFile, variant: int, options: Any) -> CacheSlot | None:
         """Where this upload's answer is kept (None: the cache is off): its key is the upload's
