@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from .contract import ONNX_FILE, ModelCard
 from .drift import DriftMonitor
 from .predictor import Predictor, Task
 from .routing import Router
-from .runtime import OnnxRuntime, gpu_available
-from .schemas import DriftReport, DriftStatus, VariantInfo
+from .runtime import OnnxRuntime, gpu_available, gpu_device_files, worker_device_id
+from .schemas import DeviceInfo, DriftReport, DriftStatus, VariantInfo
 from .settings import ConfigurationError, ServiceSettings, VariantSettings
 from .shadow import Shadow, task_agreement
 
@@ -87,6 +88,21 @@ def check_interchangeable(entries: list[StoreEntry]) -> None:
                 )
 
 
+def assigned_device_id() -> int | None:
+    """This worker's GPU among the visible ones (serving/runtime.py, worker_device_id): by
+    BentoML's worker index, over the CUDA_VISIBLE_DEVICES that BentoML gives every worker of
+    the service (`resources.gpu`) or that was set by hand."""
+    return worker_device_id(bentoml.server_context.worker_index,
+                            os.environ.get("CUDA_VISIBLE_DEVICES"), gpu_device_files())
+
+
+def device_info(runtime: OnnxRuntime) -> DeviceInfo:
+    """/model_info's `device`: where the answering worker's runtime runs."""
+    return DeviceInfo(worker_index=bentoml.server_context.worker_index,
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      device_id=runtime.device_id, on_gpu=runtime.on_gpu)
+
+
 @dataclass(frozen=True)
 class Deployment:
     settings: ServiceSettings
@@ -143,6 +159,7 @@ class Deployment:
             intra_op_threads=model.intra_op_threads if intra_op_threads is None
             else intra_op_threads,
             output_names=task.output_names(entry.card.graph),
+            device_id=assigned_device_id(),
         )
 
     def load_shadow(self, task: Task) -> Shadow | None:
@@ -177,7 +194,8 @@ class Deployment:
             "tag": entry.tag, "task": card.task, "architecture": card.architecture,
             "labels": card.labels, "input": card.input,
             "active_provider": runtime.active_provider, "providers": runtime.providers,
-            "gpu_available": gpu_available(), "accuracy": card.accuracy, "lineage": card.lineage,
+            "gpu_available": gpu_available(), "device": device_info(runtime),
+            "accuracy": card.accuracy, "lineage": card.lineage,
             "variants": [VariantInfo(tag=e.tag, weight=v.weight)
                          for v, e in zip(self.variants, self.served)],
             "shadow": self.shadow.tag if self.shadow else None,

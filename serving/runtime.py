@@ -1,4 +1,5 @@
-"""Batch -> runtime: one ONNX Runtime session, on the best execution provider available."""
+"""Batch -> runtime: one ONNX Runtime session, on the best execution provider available, and on
+this worker's GPU when there are several (worker_device_id)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ _PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# One device file per NVIDIA GPU the process may use (a container sees only the ones it is given).
+_GPU_DEVICE_FILES = "nvidia[0-9]*"
 
 
 def choose_providers(
@@ -49,7 +52,10 @@ class OnnxRuntime:
         providers: Sequence[str] = ("cuda", "cpu"),
         intra_op_threads: int = 0,
         output_names: Sequence[str] | None = None,
+        device_id: int | None = None,
     ) -> None:
+        """`device_id`: the CUDA device (an index among those visible) the GPU providers use;
+        None: CUDA's default, the first."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -58,19 +64,27 @@ class OnnxRuntime:
             # The CUDA/cuDNN libraries come as pip wheels (nvidia-*), which are not on the
             # loader's path; ORT's helper finds and loads them.
             ort.preload_dlls(directory="")
-        self.session = ort.InferenceSession(str(model_path), options, providers=requested)
+        self.session = ort.InferenceSession(str(model_path), options,
+                                            providers=on_device(requested, device_id))
         # A provider can be listed as available yet fail to initialise (no driver, no GPU):
         # ORT then falls back silently, so report what the session really uses.
         self.providers: list[str] = self.session.get_providers()
+        # The device this worker was given; on a GPU, the one the session says it runs on.
+        self.device_id = session_device_id(self.session) if self.on_gpu else device_id
         self.input_spec = input_spec
         self.graph = graph
         self.output_names = list(output_names or [graph.probabilities_name, graph.features_name])
-        logger.info("ONNX Runtime %s session on %s", ort.__version__, self.providers[0])
+        logger.info("ONNX Runtime %s session on %s%s", ort.__version__, self.providers[0],
+                    f" (CUDA device {self.device_id})" if self.on_gpu else "")
         self.run(np.zeros((1, *input_spec.shape), dtype=np.uint8))  # warm-up before ready
 
     @property
     def active_provider(self) -> str:
         return self.providers[0]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.active_provider in _GPU_PROVIDERS
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         """The outputs named by `output_names`, in that order, for a batch of any size."""
@@ -99,5 +113,55 @@ class OnnxRuntime:
 
 def gpu_available() -> bool:
     """An NVIDIA device is visible and this onnxruntime build has the CUDA provider."""
-    has_device = any(Path("/dev").glob("nvidia[0-9]*"))
-    return has_device and "CUDAExecutionProvider" in ort.get_available_providers()
+    return gpu_device_files() > 0 and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def gpu_device_files() -> int:
+    """How many NVIDIA GPUs this process may open: /dev/nvidia0, /dev/nvidia1, ..."""
+    return len(list(Path("/dev").glob(_GPU_DEVICE_FILES)))
+
+
+def on_device(providers: Sequence[str], device_id: int | None
+              ) -> list[str | tuple[str, dict[str, str]]]:
+    """`providers` with the GPU ones pinned to `device_id` (ONNX Runtime's provider option)."""
+    if device_id is None:
+        return list(providers)
+    return [(p, {"device_id": str(device_id)}) if p in _GPU_PROVIDERS else p for p in providers]
+
+
+def session_device_id(session: ort.InferenceSession) -> int | None:
+    """The device the session's GPU provider reports it runs on."""
+    options = session.get_provider_options()
+    for provider in _GPU_PROVIDERS:
+        if "device_id" in options.get(provider, {}):
+            return int(options[provider]["device_id"])
+    return None
+
+
+def visible_gpus(cuda_visible_devices: str | None, device_files: int) -> int:
+    """How many GPUs CUDA will show this process. CUDA_VISIBLE_DEVICES unset: every device file;
+    set: its entries up to the first invalid one (empty, or -1: none), but no more than the
+    device files where there are some. BentoML's allocator names devices the machine lacks when
+    `resources.gpu` asks for more than it has (it only warns), and CUDA skips those."""
+    if cuda_visible_devices is None:
+        return device_files
+    entries = 0
+    for entry in cuda_visible_devices.split(","):
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        entries += 1
+    return min(entries, device_files) if device_files else entries
+
+
+def worker_device_id(worker_index: int | None, cuda_visible_devices: str | None,
+                     device_files: int) -> int | None:
+    """The GPU a worker's runtime uses, as an index among the visible ones; None: none visible.
+
+    BentoML 1.4.39 gives every worker of a service the same CUDA_VISIBLE_DEVICES, the
+    `resources.gpu` devices it assigned to the service (_bentoml_impl/server/allocator.py), so
+    each worker would run on the first. Worker k (BentoML's index, 1 to `workers`) takes device
+    (k - 1) mod N of the N visible: workers = N puts one on each, workers = 2N two on each."""
+    count = visible_gpus(cuda_visible_devices, device_files)
+    if count == 0:
+        return None
+    return ((worker_index or 1) - 1) % count

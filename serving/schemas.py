@@ -137,6 +137,25 @@ class DriftReport(BaseModel):
         description="Served models exported without reference features (no drift test).")
 
 
+class DeviceInfo(BaseModel):
+    """Where the answering worker's runtime runs (docs/deploy.md#workers-and-gpus)."""
+
+    worker_index: int | None = Field(
+        description="BentoML's index of the answering worker, 1 to `workers`; null outside "
+        "`bentoml serve`.")
+    cuda_visible_devices: str | None = Field(
+        description="The worker's CUDA_VISIBLE_DEVICES: the GPUs BentoML gave the service "
+        "(resources.gpu; every worker of the service has the same), or set by hand; null "
+        "when unset.")
+    device_id: int | None = Field(
+        description="This worker's GPU, an index among the visible ones: (worker_index - 1) "
+        "mod their number. On a GPU, the device the session reports; null when none is "
+        "visible.")
+    on_gpu: bool = Field(
+        description="The runtime runs on a GPU provider (TensorRT or CUDA); false: on the "
+        "CPU, and device_id is unused.")
+
+
 class ServedModelInfo(BaseModel):
     """The model that answers the caller (its routing key applies), and the others served."""
 
@@ -150,6 +169,7 @@ class ServedModelInfo(BaseModel):
     active_provider: str
     providers: list[str]
     gpu_available: bool
+    device: DeviceInfo
     accuracy: dict[str, float]
     lineage: Lineage
     variants: list[VariantInfo] = Field(description="Every model that answers, by weight.")
