@@ -111,10 +111,16 @@ class Predictor:
 
     def __init__(self, task: Task, graph: GraphSpec, runtimes: Sequence[Runtime],
                  tags: Sequence[str], monitors: Sequence[DriftMonitor | None] | None = None,
-                 shadow: Shadow | None = None) -> None:
+                 shadow: Shadow | None = None,
+                 piece_sizes: Sequence[int | None] | None = None
+                 ) -> None:
+        """`piece_sizes`: per runtime, the most images one call takes (a larger batch runs in
+        pieces; serving/calibration.py); None: a whole batch per call."""
         self.task = task
         self.graph = graph
         self.runtimes = list(runtimes)
+        self.piece_sizes: list[int | None] = list(piece_sizes) if piece_sizes is not None \
+            else [None] * len(self.runtimes)
         self.tags = list(tags)
         self.monitors = list(monitors) if monitors is not None else [None] * len(self.runtimes)
         self.shadow = shadow
@@ -215,7 +221,8 @@ class Predictor:
     def _run(self, variant: int, pixels: np.ndarray) -> dict[str, np.ndarray]:
         runtime = self.runtimes[variant]
         try:
-            outputs = dict(zip(runtime.output_names, runtime.run(pixels)))
+            outputs = dict(zip(runtime.output_names,
+                               run_in_pieces(runtime, pixels, self.piece_sizes[variant])))
         except Exception:
             self.failing = True
             raise
@@ -224,6 +231,15 @@ class Predictor:
         if monitor is not None:
             monitor.observe(outputs[self.graph.features_name])
         return outputs
+
+
+def run_in_pieces(runtime: Runtime, pixels: np.ndarray, piece: int | None
+                  ) -> tuple[np.ndarray, ...]:
+    """The runtime's outputs for every row, `piece` rows per call at most."""
+    if piece is None or len(pixels) <= piece:
+        return runtime.run(pixels)
+    pieces = [runtime.run(pixels[start:start + piece]) for start in range(0, len(pixels), piece)]
+    return tuple(np.concatenate(outputs) for outputs in zip(*pieces))
 
 
 def with_cached(batch: Sequence[Item], answers: Sequence[Any], seconds: Sequence[float]

@@ -163,6 +163,20 @@ class BatchingSettings(_Section):
     # BentoML requires max_batch_size > 1 for a batchable API.
     max_batch_size: int = Field(default=64, gt=1, le=4096)
     max_latency_ms: int = Field(default=1000, gt=0)
+    runtime_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        default="auto",
+        description="Images per runtime call: a batch from the queue runs in pieces of this "
+        "size. auto: measured in each worker at start, the smallest power of two within 5% of "
+        "the best images per second (serving/calibration.py); a CPU is often fastest at 4-16, "
+        "and ONNX Runtime keeps memory for the largest call it has made.",
+    )
+    dispatch: Literal["eager", "cork"] = Field(
+        default="eager",
+        description="When a batch leaves the queue. eager: as soon as no batch is running (a "
+        "lone request waits for nothing; serving/batcher.py). cork: BentoML's own rule, which "
+        "holds requests back while it predicts that a bigger batch pays. One rule per worker: "
+        "in a multi-model deployment every model must name the same.",
+    )
 
 
 class LimitsSettings(_Section):
@@ -326,6 +340,11 @@ class SharedSettings(_Section):
     def where(self) -> ServiceSection:
         return self._where
 
+    @property
+    def batching_dispatch(self) -> str:
+        """The workers' rule for releasing a batch (serving/batcher.py)."""
+        return "eager"
+
     def api_key(self) -> str | None:
         """The configured API key, or None when the service runs without one."""
         if self.security.api_key_file is not None:
@@ -360,6 +379,10 @@ class ServiceSettings(SharedSettings):
     @property
     def model_tag(self) -> str:
         return self.model.tag or self._where.default_model
+
+    @property
+    def batching_dispatch(self) -> str:
+        return self.batching.dispatch
 
     @model_validator(mode="after")
     def _one_request_fits_one_batch(self) -> ServiceSettings:
@@ -487,7 +510,14 @@ class ModelServerSettings(SharedSettings):
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not a listed model's "
                              f"name ({names})")
+        if len({m.batching.dispatch for m in self.models}) > 1:
+            raise ValueError("models: batching.dispatch differs between models; a worker has "
+                             "one dispatch rule, set the same (eager or cork) for every model")
         return self
+
+    @property
+    def batching_dispatch(self) -> str:
+        return self.models[0].batching.dispatch
 
     @property
     def default(self) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import bentoml
 
+from . import batcher
 from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
 from .asgi import PathAliases
 from .inference_protocol import (
@@ -66,6 +67,7 @@ def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
                         route_limits: dict[str, tuple[LimitsSettings, str]] | None = None,
                         aliases: dict[str, str] | None = None,
                         inner: Sequence[tuple[type, dict[str, Any]]] = ()) -> None:
+    batcher.install(settings.batching_dispatch)
     install_parsers()
     install_parser()
     quiet_client_error_tracebacks()

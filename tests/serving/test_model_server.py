@@ -34,6 +34,7 @@ def test_each_model_gets_its_task_defaults_and_its_path() -> None:
     assert scenes.where.key("limits") == "services.ModelServer.model_server.models[1].limits"
     assert digits.where.model_tag_env == "MODEL_SERVER_DIGITS_MODEL_TAG"
     assert parsed.default == "digits"
+    assert parsed.batching_dispatch == "eager"
 
 
 def test_a_model_tag_variable_pins_one_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +52,8 @@ def test_a_model_tag_variable_pins_one_model(monkeypatch: pytest.MonkeyPatch) ->
     ({"models": [{"name": "digits", "task": "segmentation"}]}, "segmentation"),
     ({"models": [{**TWO[0], "security": {}}]}, "security is one per deployment"),
     ({"models": [{**TWO[0], "detection": {}}]}, "detection"),
+    ({"models": [TWO[0], {**TWO[1], "batching": {"dispatch": "cork"}}]},
+     "batching.dispatch differs"),
     ({"models": [{**TWO[1], "limits": {"max_images_per_request": 0}}]},
      "models.0.detection.limits.max_images_per_request"),
 ])

@@ -123,3 +123,21 @@ def test_readiness_follows_the_runtime() -> None:
     runtime.broken = False
     assert served.check_ready(SPEC), "a probe that succeeds makes it ready again"
     assert not predictor([]).check_ready(SPEC), "no model loaded: not ready"
+
+
+def test_a_batch_runs_in_pieces_of_the_runtime_batch_size_in_order() -> None:
+    runtime = FakeRuntime(winner=1)
+    monitor = RecordingMonitor()
+    served = Predictor(Classification(LABELS, top_k=2), GRAPH, [runtime], ["m:v0"], [monitor],
+                       piece_sizes=[4])
+    answers = served.predict(items([0] * 10))
+    assert runtime.batches == [4, 4, 2]
+    assert len(answers) == 10 and all(a.label == "b" for a in answers)
+    # Rows come back in order: image i's feature is its fill value i.
+    assert monitor.seen[0][:, 0].tolist() == list(range(10))
+
+
+def test_without_a_piece_size_a_batch_is_one_call() -> None:
+    runtime = FakeRuntime(winner=0)
+    predictor([runtime]).predict(items([0] * 10))
+    assert runtime.batches == [10]

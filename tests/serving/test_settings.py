@@ -40,6 +40,9 @@ def test_bentoml_cli_accepts_the_file_as_bentoml_config() -> None:
         ({"response": {"top_k": 0}}, "greater than or equal to 1"),
         ({"model": {"tag": "no spaces allowed"}}, "should match pattern"),
         ({"batching": {"max_batch_sise": 8}}, "Extra inputs are not permitted"),
+        ({"batching": {"dispatch": "greedy"}}, "'eager' or 'cork'"),
+        ({"batching": {"runtime_batch_size": 0}}, "greater than 0"),
+        ({"batching": {"runtime_batch_size": "fast"}}, "'auto'"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_allowed_values(section: dict, fragment: str) -> None:
@@ -128,3 +131,12 @@ def test_the_environment_variable_pins_one_model(monkeypatch) -> None:
 def test_bad_variants_are_refused(variants, message) -> None:
     with pytest.raises(settings.ConfigurationError, match=message):
         rollout(rollout={"variants": variants})
+
+
+def test_batching_defaults_eager_dispatch_and_a_measured_runtime_batch_size() -> None:
+    parsed = settings.parse_settings(in_service_block({}))
+    assert parsed.batching.dispatch == "eager" and parsed.batching_dispatch == "eager"
+    assert parsed.batching.runtime_batch_size == "auto"
+    chosen = settings.parse_settings(in_service_block(
+        {"batching": {"dispatch": "cork", "runtime_batch_size": 8}}))
+    assert chosen.batching_dispatch == "cork" and chosen.batching.runtime_batch_size == 8

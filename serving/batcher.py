@@ -1,0 +1,97 @@
+"""The adaptive batcher's dispatch rule: a batch leaves as soon as the runtime is free.
+
+BentoML 1.4.39's CorkDispatcher holds queued requests back while it predicts that waiting pays:
+with the runtime free it still waits while `n * (age of the newest + 1 ms + a) <= 0.95 x the
+average wait of past batches`. Its own past waits feed that average, so a window once open stays
+open, and a lone request at 1 connection waits for company that never comes. Before that it
+"trains" on the first ~24 batches, holding requests back to form batches of 2 and 3.
+
+Here the rule of continuous batching instead (Triton's dynamic batcher without a queue delay,
+LitServe's and vLLM's loops): when the runtime is free, everything queued leaves as one batch (up
+to max_batch_size); while a batch runs, the next one grows. Nothing waits for company, so a lone
+request pays no window, and under load the batches are as large as the runtime's own pace makes
+them. BentoML's overload rule is kept: when the oldest queued request cannot be answered within
+max_latency_ms (its age plus the fitted cost of the queue, once batches have been timed), it is
+answered 503 ("process is overloaded") rather than left to time out.
+
+Not a new batcher: BentoML's queue, batch splitting, metrics and cost fit are reused; only the
+controller (when to release a batch) is replaced, by installing this class where BentoML's
+service app looks the dispatcher up. The versions it was checked against are pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+# While a batch runs, how often the queue is checked for requests that can no longer be answered
+# in time (BentoML polls every 1 ms; the end of a batch wakes the controller at once anyway).
+OVERLOAD_CHECK_S = 0.01
+
+
+class EagerDispatcher(CorkDispatcher[Any, Any]):
+    """CorkDispatcher that releases whatever is queued as soon as no batch is running."""
+
+    overload_check_s = OVERLOAD_CHECK_S
+
+    @property
+    def _runtime_free(self) -> asyncio.Event:
+        # Created on first use, in the event loop that serves (as BentoML's own condition is).
+        event: asyncio.Event | None = self.__dict__.get("_free_event")
+        if event is None:
+            event = self.__dict__["_free_event"] = asyncio.Event()
+        return event
+
+    async def outbound_call(self, inputs_info: Any, training: bool = False) -> None:
+        try:
+            await super().outbound_call(inputs_info, training)
+        finally:
+            self._runtime_free.set()  # the semaphore was released: wake the controller
+
+    def estimated_latency(self, now: float) -> float:
+        """When the oldest queued request would be answered if its batch left now: its age, plus
+        the fitted batch cost once batches have been timed (before that, its age alone: the
+        untrained fit assumes max_latency/15 per image and would refuse a start-up burst)."""
+        age = now - self._queue[0].enqueue_time
+        if not self.optimizer.o_stat:
+            return age
+        return age + self.optimizer.o_a * len(self._queue) + self.optimizer.o_b
+
+    async def controller(self) -> None:
+        while True:
+            async with self._wake_event:  # until anything is queued
+                await self._wake_event.wait_for(self._queue.__len__)
+            if len(self._queue) > 1 and self.estimated_latency(time.time()) >= self.max_latency:
+                self._queue.popleft().future.cancel()  # answered 503 by BentoML's fallback
+                continue
+            if self._sema.is_locked():  # type: ignore[no-untyped-call]  # a batch runs: wait for its end, re-checking the queue
+                if time.time() - self._queue[0].enqueue_time >= self.max_latency:
+                    self._queue.popleft().future.cancel()
+                    continue
+                self._runtime_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._runtime_free.wait(), self.overload_check_s)
+                continue
+            self._sema.acquire()  # type: ignore[no-untyped-call]
+            batch = tuple(self._get_inputs())
+            self._loop.create_task(self.outbound_call(batch))
+
+
+DISPATCHERS: dict[str, type[CorkDispatcher[Any, Any]]] = {
+    "eager": EagerDispatcher, "cork": CorkDispatcher}
+
+
+def install(dispatch: str) -> None:
+    """Make BentoML's service app build this dispatcher (batching.dispatch) for batchable APIs:
+    it looks the class up by name when a worker builds its app, after the service module is
+    imported, so the choice holds for every API of the worker."""
+    from _bentoml_impl.server import app
+
+    if not issubclass(app.CorkDispatcher, CorkDispatcher):
+        raise RuntimeError("BentoML's service app no longer uses CorkDispatcher: this BentoML "
+                           "version is not the pinned one (requirements/serving.txt)")
+    app.CorkDispatcher = DISPATCHERS[dispatch]

@@ -1,0 +1,55 @@
+"""How many images one runtime call takes: measured once per worker at start.
+
+The batcher may hand the predictor 64 images at once, but a CPU runtime is often fastest per
+image at 4 to 16 (docs/benchmarks.md's ceiling tables: mobilenet_v3_small at 224x224, 833 img/s
+at batch 8 against 636 at 64, with two processes of one thread), and ONNX Runtime's memory
+arena keeps the largest batch's activations for the life of the worker. So the predictor runs a
+batch in pieces of the size that served best here, on this machine's cores or GPU, with this
+model (batching.runtime_batch_size: auto), or of a configured size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+# Sizes within this factor of the best rate count as equally good; the smallest of them is kept
+# (less memory, a shorter wait behind a call), since timings this short vary by a few percent.
+TOLERANCE = 1.05
+# No larger size is tried once one call takes this long: the worker is starting, and bigger
+# pieces would make a lone request wait behind a long call.
+MAX_CALL_S = 0.1
+# Calls timed per size (the best one counts: the first at a new size allocates, the others
+# include the machine's noise).
+REPEATS = 2
+
+
+def call_seconds(run: Callable[[np.ndarray], object], blank: np.ndarray) -> float:
+    """The best of REPEATS timed calls on a batch of blank images."""
+    best = float("inf")
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        run(blank)
+        best = min(best, time.perf_counter() - started)
+    return max(best, 1e-9)
+
+
+def best_batch_size(run: Callable[[np.ndarray], object], shape: tuple[int, ...],
+                    largest: int,
+                    timed: Callable[[Callable[[np.ndarray], object], np.ndarray], float]
+                    = call_seconds) -> int:
+    """The smallest power of two up to `largest` whose images per second are within TOLERANCE
+    of the best measured (sizes are tried upwards until a call takes MAX_CALL_S). `timed`: how
+    a call is timed (call_seconds)."""
+    rates: dict[int, float] = {}
+    size = 1
+    while size <= largest:
+        seconds = timed(run, np.zeros((size, *shape), np.uint8))
+        rates[size] = size / seconds
+        if seconds > MAX_CALL_S:
+            break
+        size *= 2
+    best = max(rates.values())
+    return min(size for size, rate in rates.items() if rate * TOLERANCE >= best)

@@ -1,0 +1,128 @@
+"""The dispatch rule (serving/batcher.py) on BentoML's own dispatcher class: a lone request
+leaves at once, whatever max_latency_ms allows; while a batch runs the next one collects
+everything queued; a request that cannot be answered in time is refused (BentoML's fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from _bentoml_impl.server import app
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
+from bentoml.exceptions import ServiceUnavailable
+
+from serving import batcher
+from serving.batcher import EagerDispatcher
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # BentoML's dispatcher is asyncio's
+
+
+# Generous: a dispatcher that waited for company would hold a lone request for seconds.
+DEADLINE_S = 5.0
+
+
+def fallback() -> None:
+    raise ServiceUnavailable("process is overloaded")
+
+
+def dispatcher(max_latency_ms: int = 3_600_000, max_batch_size: int = 64) -> EagerDispatcher:
+    return EagerDispatcher(max_latency_ms, max_batch_size, fallback=fallback,
+                           get_batch_size=lambda _: 1)
+
+
+class Runtime:
+    """A batch callback that records its batches; `gate` holds a batch until it is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+
+    async def __call__(self, batch: Sequence[int]) -> list[int]:
+        self.batches.append(list(batch))
+        self.started.set()
+        await self.gate.wait()
+        return [x * 10 for x in batch]
+
+
+async def test_lone_requests_leave_at_once_with_an_hour_of_latency_allowed() -> None:
+    runtime = Runtime()
+    call = dispatcher()(runtime)
+    for value in range(30):
+        assert await asyncio.wait_for(call(value), DEADLINE_S) == value * 10
+    assert runtime.batches == [[value] for value in range(30)]
+
+
+async def test_after_a_busy_period_a_lone_request_still_leaves_at_once() -> None:
+    # BentoML's CorkDispatcher holds a request while n x (its age + 1 ms + a) <= 0.95 x the
+    # mean wait of recent batches: after a busy spell whose batches waited 10 s, a lone
+    # request waits about 9.5 s, and adds its own wait to that mean.
+    runtime = Runtime()
+    served = dispatcher()
+    call = served(runtime)
+    for value in range(30):  # past BentoML's training batches
+        await asyncio.wait_for(call(value), DEADLINE_S)
+    for _ in range(60):
+        served.optimizer.log_outbound(n=32, wait=10.0, duration=0.01)
+    served.optimizer.trigger_refresh()
+    assert served.optimizer.wait == pytest.approx(10.0)
+    for value in range(3):
+        assert await asyncio.wait_for(call(value), DEADLINE_S) == value * 10
+
+
+async def test_while_a_batch_runs_the_next_collects_everything_queued() -> None:
+    runtime = Runtime()
+    call = dispatcher()(runtime)
+    runtime.gate.clear()
+    first = asyncio.ensure_future(call(0))
+    await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
+    queued = [asyncio.ensure_future(call(value)) for value in range(1, 6)]
+    await asyncio.sleep(0.05)  # the controller sees them queued while the batch runs
+    assert runtime.batches == [[0]]
+    runtime.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(first, *queued), DEADLINE_S)
+    assert answers == [0, 10, 20, 30, 40, 50]
+    assert runtime.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_a_batch_takes_at_most_max_batch_size() -> None:
+    runtime = Runtime()
+    call = dispatcher(max_batch_size=2)(runtime)
+    runtime.gate.clear()
+    first = asyncio.ensure_future(call(0))
+    await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
+    queued = [asyncio.ensure_future(call(value)) for value in range(1, 6)]
+    await asyncio.sleep(0.05)
+    runtime.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *queued), DEADLINE_S)
+    assert runtime.batches == [[0], [1, 2], [3, 4], [5]]
+
+
+async def test_a_request_that_cannot_be_answered_in_time_is_refused() -> None:
+    runtime = Runtime()
+    call = dispatcher(max_latency_ms=50)(runtime)
+    runtime.gate.clear()
+    first = asyncio.ensure_future(call(0))
+    await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
+    # Queued behind a batch that does not end: refused once older than max_latency_ms.
+    with pytest.raises(ServiceUnavailable):
+        await asyncio.wait_for(call(1), DEADLINE_S)
+    runtime.gate.set()
+    assert await asyncio.wait_for(first, DEADLINE_S) == 0
+
+
+def test_install_chooses_the_class_bentoml_builds() -> None:
+    try:
+        batcher.install("eager")
+        assert app.CorkDispatcher is EagerDispatcher
+        batcher.install("cork")
+        assert app.CorkDispatcher is CorkDispatcher
+    finally:
+        app.CorkDispatcher = CorkDispatcher
