@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ceiling-seconds", type=float, default=2.0)
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the configuration levers on the light model")
+    parser.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                        help="also sweep image size, images per request and connections "
+                        "(bench/curves.py) for the digits, mobilenet_v3_small and detector "
+                        "models among --models; not with --gpu")
     parser.add_argument("--gpu", action="store_true",
                         help="GPU run: resnet50 at 224x224, served vs raw GPU throughput")
     parser.add_argument("--config", type=Path, default=ROOT / "configuration.yaml",
@@ -136,6 +140,8 @@ def run(args: argparse.Namespace) -> None:
     if args.levers:
         results["levers"], results["profile"] = measure_levers(results["models"], images,
                                                                args.duration)
+    if args.curves and not args.gpu:  # writes OUT/bench/curves.json, which report.write reads
+        measure_curves(args)
     results["analysis"] = report.analysis(results)
     saved.write_text(json.dumps(results, indent=1))
     report.write(results, args.out, suffix)
@@ -253,6 +259,20 @@ def measure_detector(key: str, args: argparse.Namespace, document: dict) -> dict
         entry["served"]["bentoml"] = measure_served(key, "bentoml", tag, model_dir, {}, args,
                                                     upload, model.task, "image/png")
     return entry
+
+
+def measure_curves(args: argparse.Namespace) -> None:
+    """bench/curves.py's sweeps for the models it covers among --models, with this run's
+    duration, store, configuration and output."""
+    from bench import curves
+
+    models = [key for key in curves.MODELS if key in args.models]
+    if not models:
+        print(f"[curves] none of {list(curves.MODELS)} in --models: skipped", flush=True)
+        return
+    curves.run(curves.parse_args(
+        ["--models", *models, "--duration", str(args.duration), "--config", str(args.config),
+         "--home", str(args.home), "--out", str(args.out), *(["--quick"] if args.quick else [])]))
 
 
 def workers_of(block: dict) -> int:

@@ -45,21 +45,32 @@ SCENE_SEED = 0
 
 def photo_like(size: tuple[int, int] = (640, 480), seed: int = 0) -> Image.Image:
     """A deterministic stand-in for a phone photo: smooth colour fields, shapes, sensor noise.
-    JPEG-compresses like a photo (tens of kB at 640x480), unlike flat or random images."""
+    JPEG-compresses like a photo (tens of kB at 640x480), unlike flat or random images. The
+    shapes scale with the picture (20-200 px at 640 wide), so a 12 MP one has the same
+    composition; the blur and the noise stay per pixel, as a sensor's do."""
     rng = np.random.default_rng(seed)
     w, h = size
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    field = np.stack([np.sin(6 * x + 2 * y + p) for p in rng.uniform(0, 6, 3)], axis=-1)
-    image = Image.fromarray(((field * 0.5 + 0.5) * 200 + 20).astype(np.uint8), "RGB")
+    scale = max(w, h) / 640
+    # One channel at a time on broadcast axes: the same values as np.mgrid's, without a
+    # (h, w, 3) float64 field (a 12 MP picture would need 1 GB of temporaries).
+    y, x = np.arange(h)[:, None] / max(w, h), np.arange(w)[None, :] / max(w, h)
+    image = Image.fromarray(np.stack(
+        [((np.sin(6 * x + 2 * y + p) * 0.5 + 0.5) * 200 + 20).astype(np.uint8)
+         for p in rng.uniform(0, 6, 3)], axis=-1), "RGB")
     draw = ImageDraw.Draw(image)
     for _ in range(25):
         x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        box = [x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)]
+        box = [x0, y0, x0 + int(rng.integers(20, 200) * scale),
+               y0 + int(rng.integers(20, 200) * scale)]
         fill = tuple(int(c) for c in rng.integers(0, 255, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
     image = image.filter(ImageFilter.GaussianBlur(1.5))
-    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+    pixels = np.asarray(image, dtype=np.int16)
+    rows = max(1, 2**20 // w)  # the noise in slices of rows: the same draws as one call
+    for top in range(0, h, rows):
+        noise = rng.normal(0, 6, (min(rows, h - top), w, 3)).astype(np.int16)
+        pixels[top:top + rows] += noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def write_images(directory: Path) -> dict[str, Path]:
@@ -70,6 +81,95 @@ def write_images(directory: Path) -> dict[str, Path]:
     image.save(paths["jpeg"], quality=85)
     image.save(paths["png"])
     return paths
+
+
+WORDS = ("model", "image", "serve", "batch", "latency", "request", "worker", "queue", "the",
+         "of", "a", "to", "throughput", "runtime", "decode", "upload", "label", "score", "and",
+         "config", "limit", "export", "deploy", "metrics", "cache", "in", "is", "per", "GPU")
+
+
+def screenshot_like(size: tuple[int, int] = (1920, 1080), seed: int = 0) -> Image.Image:
+    """A deterministic stand-in for a screenshot of a web page: flat panels (title bar,
+    sidebar, page, code block), antialiased text in lines, buttons, and one photo. What makes a
+    screenshot PNG compress as it does: long runs of one colour, and sharp text edges."""
+    from PIL import ImageFont
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    image = Image.new("RGB", size, (250, 250, 252))
+    draw = ImageDraw.Draw(image)
+    font, small = ImageFont.load_default(size=16), ImageFont.load_default(size=13)
+    draw.rectangle([0, 0, w, 48], fill=(36, 41, 47))  # title bar
+    draw.text((20, 14), "image-classifier - dashboard", fill=(230, 230, 230), font=font)
+    sidebar = w // 6
+    draw.rectangle([0, 48, sidebar, h], fill=(236, 238, 241))
+    for i in range(24):  # navigation entries
+        draw.text((20, 70 + 34 * i), " ".join(rng.choice(WORDS, 2)).title(), fill=(60, 60, 70),
+                  font=small)
+
+    def paragraph(x: int, y: int, width: int, lines: int, colour: tuple, face) -> int:
+        for _ in range(lines):
+            text, cursor = [], 0
+            while cursor < width - 120:
+                word = str(rng.choice(WORDS))
+                text.append(word)
+                cursor += 9 * (len(word) + 1)
+            draw.text((x, y), " ".join(text), fill=colour, font=face)
+            y += 24
+        return y + 16
+
+    x0, y = sidebar + 40, 80
+    draw.text((x0, y), "How cost grows", fill=(20, 20, 30), font=ImageFont.load_default(size=30))
+    y = paragraph(x0, y + 56, w - x0 - 560, 8, (40, 40, 48), font)
+    photo = photo_like((480, 320), seed + 1)  # a picture in the page
+    image.paste(photo, (w - 520, 110))
+    for i in range(4):  # buttons
+        colour = tuple(int(c) for c in rng.integers(40, 200, 3))
+        draw.rounded_rectangle([x0 + 150 * i, y, x0 + 150 * i + 130, y + 36], 6, fill=colour)
+        draw.text((x0 + 150 * i + 18, y + 9), str(rng.choice(WORDS)).upper(), fill="white",
+                  font=small)
+    y += 70
+    draw.rectangle([x0, y, w - 40, y + 300], fill=(40, 44, 52))  # a code block
+    paragraph(x0 + 20, y + 16, w - x0 - 80, 11, (152, 195, 121), small)
+    y += 340
+    while y < h - 40:
+        y = paragraph(x0, y, w - x0 - 40, 5, (40, 40, 48), font)
+    return image
+
+
+@dataclass(frozen=True)
+class CurveImage:
+    """One upload of the image-size sweep (bench/curves.py)."""
+
+    key: str
+    label: str          # as the report names it
+    path: Path
+    content_type: str
+    width: int
+    height: int
+
+
+def write_curve_images(directory: Path) -> dict[str, CurveImage]:
+    """The uploads of the image-size sweep, smallest first: a 224x224 JPEG (a model's input
+    size), the bench's 640x480 JPEG, a 12-megapixel phone photo (4000x3000 JPEG, quality 90),
+    a 1920x1080 PNG screenshot. Deterministic; written each run (a few seconds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = [
+        ("jpeg-224", "224x224 JPEG", "photo-224x224.jpg", "image/jpeg", (224, 224),
+         lambda: photo_like((224, 224), seed=1), {"quality": 85}),
+        ("jpeg-640x480", "640x480 JPEG", "photo-640x480.jpg", "image/jpeg", (640, 480),
+         photo_like, {"quality": 85}),
+        ("jpeg-12mp", "12 MP photo (4000x3000 JPEG)", "photo-4000x3000.jpg", "image/jpeg",
+         (4000, 3000), lambda: photo_like((4000, 3000), seed=2), {"quality": 90}),
+        ("png-screenshot", "1920x1080 PNG screenshot", "screenshot-1920x1080.png", "image/png",
+         (1920, 1080), screenshot_like, {}),
+    ]
+    images = {}
+    for key, label, name, content_type, (width, height), make, options in specs:
+        path = directory / name
+        make().save(path, **options)
+        images[key] = CurveImage(key, label, path, content_type, width, height)
+    return images
 
 
 @dataclass(frozen=True)

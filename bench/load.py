@@ -17,6 +17,8 @@ import psutil
 
 LUA = Path(__file__).with_name("multipart.lua")
 PACED_LUA = Path(__file__).with_name("paced.lua")
+PREPARED_LUA = Path(__file__).with_name("prepared.lua")
+BOUNDARY = "----benchboundary7MA4YWxkTrZu0gW"  # multipart.lua's
 
 
 @dataclass
@@ -39,6 +41,36 @@ class LoadResult:
     server_rss_end_mb: float
     loadgen_cpu_cores: float   # the same for wrk: what measuring cost
     batch_sizes: dict[str, float] = field(default_factory=dict)
+    # other_errors, in parts: 413 answers, other statuses, and wrk's connect, read, write and
+    # timeout errors (requests that got no answer)
+    status_413: int = 0
+    status_other: int = 0
+    socket_errors: int = 0
+    images_per_request: int = 1
+    body_bytes: int = 0        # of one request
+
+
+def multipart_body(data: bytes, count: int = 1, field: str = "images",
+                   content_type: str = "image/jpeg") -> tuple[str, bytes]:
+    """(Content-Type header, body) of one request that uploads `data` `count` times under
+    `field`, as multipart.lua builds it for one (the same boundary, file name and part
+    headers, so one part here is byte for byte what multipart.lua sends)."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, not {count}")
+    filename = "upload.png" if content_type == "image/png" else "upload.jpg"
+    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
+    body = b"".join(part + data + b"\r\n" for _ in range(count)) + f"--{BOUNDARY}--\r\n".encode()
+    return f"multipart/form-data; boundary={BOUNDARY}", body
+
+
+def write_body(image: Path, count: int, content_type: str) -> tuple[Path, str]:
+    """multipart_body() of `image` x `count` as a file beside it, for bench/prepared.lua:
+    (its path, the Content-Type header)."""
+    header, body = multipart_body(image.read_bytes(), count, content_type=content_type)
+    path = image.with_name(f"{image.name}.x{count}.multipart")
+    path.write_bytes(body)
+    return path, header
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -108,14 +140,24 @@ def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
             timeout_s: int = 30, sample_batches: bool = True, rate: float = 0,
-            content_type: str = "image/jpeg", route: str = "classify") -> LoadResult:
+            content_type: str = "image/jpeg", route: str = "classify",
+            images_per_request: int = 1) -> LoadResult:
     """Closed loop; with `rate`, at most that many requests per second (bench/paced.lua).
-    `route`: /classify, or /detect for a detector."""
+    `route`: /classify, or /detect for a detector. `images_per_request` > 1: each request
+    uploads the image that many times (a body built beforehand, bench/prepared.lua)."""
     threads = 1 if concurrency < 8 else 2
-    script = [str(PACED_LUA)] if rate else [str(LUA)]
+    if images_per_request > 1:
+        if rate:
+            raise ValueError("a paced run sends one image per request")
+        body, header = write_body(image, images_per_request, content_type)
+        body_bytes = body.stat().st_size
+        script = [str(PREPARED_LUA), f"{url}/{route}", "--", str(body), header]
+    else:
+        body_bytes = len(multipart_body(b"", content_type=content_type)[1]) + image.stat().st_size
+        script = [str(PACED_LUA) if rate else str(LUA), f"{url}/{route}", "--", str(image),
+                  "images", content_type, *([f"{rate / threads:.3f}"] if rate else [])]
     command = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s",
-               "--timeout", f"{int(timeout_s)}s", "-s", *script, f"{url}/{route}", "--",
-               str(image), "images", content_type, *([f"{rate / threads:.3f}"] if rate else [])]
+               "--timeout", f"{int(timeout_s)}s", "-s", *script]
     peak_rss = [rss_mb(pid)]
     stop = threading.Event()
 
@@ -141,6 +183,8 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
                    + children_after.ru_stime - children_before.ru_stime)
     stats = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
     duration = stats["duration_us"] / 1e6
+    socket_errors = (stats["connect_errors"] + stats["read_errors"] + stats["write_errors"]
+                     + stats["timeouts"])
     return LoadResult(
         concurrency=concurrency,
         seconds=round(duration, 2),
@@ -153,8 +197,7 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
         status_429=stats["status_429"],
         status_503=stats["status_503"],
         status_504=stats["status_504"],
-        other_errors=stats["status_other"] + stats["connect_errors"] + stats["read_errors"]
-        + stats["write_errors"] + stats["timeouts"],
+        other_errors=stats["status_413"] + stats["status_other"] + socket_errors,
         server_cpu_cores=server_cpu / wall,
         server_rss_mb=max(peak_rss),
         server_rss_start_mb=peak_rss[0],
@@ -162,4 +205,9 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
         loadgen_cpu_cores=loadgen_cpu / wall,
         batch_sizes=(batch_summary(histogram_before, batch_histogram(url, route))
                      if sample_batches else {}),
+        status_413=stats["status_413"],
+        status_other=stats["status_other"],
+        socket_errors=socket_errors,
+        images_per_request=images_per_request,
+        body_bytes=body_bytes,
     )

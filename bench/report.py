@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 from pathlib import Path
@@ -429,6 +430,319 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
                   "| stage | share of busy samples |", "|---|---|"]
         lines += [f"| {stage} | {share:.0%} |" for stage, share in results["profile"].items()]
         lines.append("")
+    if not suffix and (curves := out / "bench" / "curves.json").exists():  # bench/curves.py
+        lines += write_curves_plots(json.loads(curves.read_text()), out)
     if analysis := results.get("analysis"):
         lines += ["## Analysis", "", analysis, ""]
     (out / f"benchmarks{suffix}.md").write_text("\n".join(lines))
+
+
+# --- How cost grows (bench/curves.py): its section of benchmarks.md, its plots -----------------
+
+CURVES_HEADING = "## How cost grows"
+CURVE_SWEEPS = {  # sweep: (title, the x column's name)
+    "image_size": ("Image size", "upload"),
+    "images_per_request": ("Images per request", "images per request"),
+    "connections": ("Connections", "connections"),
+}
+CURVES_HEADER = [
+    "| model | {x} | answers/s | goodput (200/s) | images/s | p50 ms | p99 ms | 413 | 429 | 503 "
+    "| 504 | other status | no answer | server CPU (cores) | CPU ms per image "
+    "| images per runtime call |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def upload_name(upload: dict) -> str:
+    """An upload as the tables and plots name it: 4000x3000 JPEG."""
+    kind = upload["content_type"].split("/")[1].upper()
+    return f"{upload['width']}x{upload['height']} {kind}"
+
+
+def curve_x(sweep: str, point: dict, uploads: dict) -> str:
+    """A point's place on its sweep's axis, as its table shows it."""
+    if sweep == "image_size":
+        return upload_name(uploads[point["upload"]])
+    if sweep == "images_per_request":
+        return str(point["images_per_request"])
+    return str(point["concurrency"])
+
+
+def as_answered(points: list[dict]) -> list[dict]:
+    """The points of one model's sweep with each one its limits refused replaced by its run
+    with the limits raised, where there is one (marked `limits_raised`)."""
+    raised = {(p["upload"], p["images_per_request"], p["concurrency"]): p
+              for p in points if p["limits_raised"]}
+    return [raised.get((p["upload"], p["images_per_request"], p["concurrency"]), p)
+            for p in points if not p["limits_raised"]]
+
+
+def curve_points(curves: dict, sweep: str) -> list[tuple[str, dict]]:
+    """(model, point) of one sweep, models in run order, points as measured."""
+    return [(key, point) for key, entry in curves["models"].items()
+            for point in entry["sweeps"].get(sweep, {}).get("points", [])]
+
+
+def curve_row(key: str, sweep: str, point: dict, uploads: dict) -> str:
+    cpu = point["cpu_ms_per_image"]
+    batch = point["batch_sizes"].get("mean")  # requests per batch (BentoML's histogram)
+    images = f"{batch * point['images_per_request']:.1f}" if batch else "-"
+    x = curve_x(sweep, point, uploads) + (" (limits raised)" if point["limits_raised"] else "")
+    # wrk's percentiles are 0 when nothing was answered in the time: no latency was measured
+    median, tail = ((f"{point['p50_ms']:.0f}", f"{point['p99_ms']:.0f}") if point["requests"]
+                    else ("-", "-"))
+    return (f"| {key} | {x} | {point['answers_per_s']:.1f} | {point['goodput_per_s']:.1f} | "
+            f"{point['images_per_s']:.1f} | {median} | {tail} | "
+            f"{point['status_413']} | {point['status_429']} | {point['status_503']} | "
+            f"{point['status_504']} | {point['status_other']} | {point['socket_errors']} | "
+            f"{point['server_cpu_cores']:.2f} | {f'{cpu:.2f}' if cpu else '-'} | "
+            f"{images} |")
+
+
+def p99(point: dict) -> str:
+    """A point's p99, or what stands for it when nothing was answered in the time."""
+    return f"{point['p99_ms']:.0f} ms" if point["requests"] else "no answer in the time"
+
+
+def curve_findings(curves: dict, sweep: str) -> list[str]:
+    """A line per model: how its cost and latency moved along the sweep."""
+    uploads, lines = curves["uploads"], []
+    for key, entry in curves["models"].items():
+        points = as_answered(entry["sweeps"].get(sweep, {}).get("points", []))
+        if len(points) < 2:
+            continue
+        first = points[0]
+        if sweep == "image_size":
+            parts = [f"{upload_name(uploads[p['upload']])}"
+                     + (" (limits raised)" if p["limits_raised"] else "")
+                     + f" {p['images_per_s']:.0f} images/s"
+                     + (f", {p['cpu_ms_per_image']:.1f} CPU ms each"
+                        + (f" ({p['cpu_ms_per_image'] / first['cpu_ms_per_image']:.1f}x)"
+                           if p is not first and first["cpu_ms_per_image"] else "")
+                        if p["cpu_ms_per_image"] else "")
+                     + f", p99 {p99(p)}" for p in points]
+            lines.append(f"- {key}: " + "; ".join(parts) + ".")
+        elif sweep == "images_per_request":
+            last = points[-1]
+            lines.append(
+                f"- {key}: from {first['images_per_request']} to {last['images_per_request']} "
+                f"images per request{' (limits raised)' if last['limits_raised'] else ''}, "
+                f"{first['images_per_s']:.0f} -> {last['images_per_s']:.0f} "
+                f"images/s and {first['goodput_per_s']:.1f} -> {last['goodput_per_s']:.1f} "
+                f"requests/s answered; p99 {p99(first)} -> {p99(last)}"
+                + (f"; {last['status_503']} answered 503 and {last['status_429']} 429 at "
+                   f"{last['images_per_request']}" if last["status_503"] + last["status_429"]
+                   else "") + ".")
+        else:
+            peak, last = max(points, key=lambda p: p["goodput_per_s"]), points[-1]
+            refused = last["status_429"] + last["status_503"] + last["status_504"]
+            lost = refused + last["status_other"] + last["socket_errors"]
+            first_refusal = next((p["concurrency"] for p in points
+                                  if p["requests"] > p["ok"] or p["socket_errors"]), None)
+            lines.append(
+                f"- {key}: goodput peaks at {peak['goodput_per_s']:.0f}/s (c="
+                f"{peak['concurrency']}, p99 {p99(peak)}); at c={last['concurrency']}"
+                f" {last['goodput_per_s']:.0f}/s, p99 {p99(last)}, "
+                f"{lost / max(last['requests'] + last['socket_errors'], 1):.0%} of requests not "
+                f"answered 200 (429: {last['status_429']}, 503: {last['status_503']}, 504: "
+                f"{last['status_504']}, no answer: {last['socket_errors']}); "
+                + (f"the first refusal or error at c={first_refusal}." if first_refusal
+                   else "no refusal or error at any level."))
+    return lines
+
+
+def plot_curves(curves: dict, out: Path) -> list[str]:
+    """One small PNG per sweep: throughput, and p99 (log scale), against the sweep's axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    uploads, names = curves["uploads"], []
+    for sweep, (title, xlabel) in CURVE_SWEEPS.items():
+        if not curve_points(curves, sweep):
+            continue
+        fig, (rate, tail) = plt.subplots(1, 2, figsize=(10, 3.4))
+        for index, (key, entry) in enumerate(curves["models"].items()):
+            points = as_answered(entry["sweeps"].get(sweep, {}).get("points", []))
+            if not points:
+                continue
+            colour = f"C{index}"
+            if sweep == "image_size":
+                xs: list = list(range(len(points)))
+            elif sweep == "images_per_request":
+                xs = [p["images_per_request"] for p in points]
+            else:
+                xs = [p["concurrency"] for p in points]
+            rate.plot(xs, [p["images_per_s"] for p in points], marker="o", color=colour,
+                      label=f"{key}, images/s")
+            if sweep == "images_per_request":
+                rate.plot(xs, [p["goodput_per_s"] for p in points], marker=".", color=colour,
+                          linestyle="--", label=f"{key}, requests/s")
+            elif sweep == "connections":
+                rate.plot(xs, [p["answers_per_s"] for p in points], marker=".", color=colour,
+                          linestyle=":", label=f"{key}, all answers/s")
+            tail.plot(xs, [p["p99_ms"] if p["requests"] else float("nan") for p in points],
+                      marker="o", color=colour, label=key)
+            for x, p in zip(xs, points):
+                if p["limits_raised"]:
+                    rate.annotate("limits raised", (x, p["images_per_s"]), fontsize=7)
+        for ax in (rate, tail):
+            if sweep == "image_size":
+                ticks = [p["upload"] for p in next(
+                    e["sweeps"][sweep]["points"] for e in curves["models"].values()
+                    if sweep in e["sweeps"])]
+                ax.set_xticks(range(len(ticks)))
+                ax.set_xticklabels([upload_name(uploads[t]).replace(" ", "\n") for t in ticks],
+                                   fontsize=8)
+            else:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sorted({p["images_per_request" if sweep == "images_per_request"
+                                        else "concurrency"]
+                                      for _, p in curve_points(curves, sweep)}))
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        rate.set_ylabel("per second (200 answers)")
+        rate.set_ylim(bottom=0)
+        tail.set_yscale("log")
+        tail.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        tail.yaxis.set_major_formatter(ScalarFormatter())
+        tail.yaxis.set_minor_formatter(NullFormatter())
+        tail.set_ylabel("p99 latency (ms)")
+        rate.legend(fontsize=7)
+        fig.suptitle(f"{title} (this project's service)", fontsize=10)
+        fig.tight_layout()
+        name = f"curves-{sweep.replace('_', '-')}.png"
+        fig.savefig(out / "bench" / name, dpi=80)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def sweep_uploads(curves: dict) -> list[str]:
+    """A sentence per sweep that ran: its fixed concurrency or upload."""
+    uploads, sentences = curves["uploads"], []
+    for sweep, (title, _) in CURVE_SWEEPS.items():
+        by_task = {curves["models"][key]["task"]: p["upload"]
+                   for key, p in sorted(curve_points(curves, sweep),
+                                        key=lambda kp: curves["models"][kp[0]]["task"])}
+        if not by_task:
+            continue
+        fixed = [f"{curves['concurrency']} connections"] if sweep != "connections" else []
+        if sweep != "image_size":
+            fixed += [f"one {upload_name(uploads[upload])} per image"
+                      + (" (the detector)" if task == "detection" and len(by_task) > 1 else "")
+                      for task, upload in by_task.items()]
+        sentences.append(f"{title}: {', '.join(fixed)}.")
+    return sentences
+
+
+def curves_section(curves: dict, plots: list[str]) -> list[str]:
+    """The "How cost grows" section of benchmarks.md, from curves.json."""
+    m, uploads = curves["machine"], curves["uploads"]
+    lines = [
+        CURVES_HEADING, "",
+        *(["**A `--quick` smoke run** (short points, on whatever else the machine was doing): "
+           "not a result.", ""] if curves.get("quick") else []),
+        f"Produced by `python -m bench.curves` (also run by `make bench`) on {curves['started']} "
+        "UTC. Raw numbers: [bench/curves.json](bench/curves.json). This project's service only, "
+        "on one server per model and sweep.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
+        f"Python {m['python']}",
+    ]
+    config = Path(curves["config"]).name
+    for task, svc in curves["service"].items():
+        if not any(e["task"] == task for e in curves["models"].values()):
+            continue
+        limits = svc["limits"]
+        lines.append(
+            f"- {'Classifiers' if task == 'classification' else 'Detector'} ({config}"
+            f"{' as shipped' if config == 'configuration.yaml' else ''}): {svc['workers']} "
+            f"workers x {svc['intra_op_threads']} ONNX Runtime thread(s), max_batch_size "
+            f"{svc['max_batch_size']}, max_latency_ms "
+            f"{svc['max_latency_ms']} (503 beyond it), max_concurrency {svc['max_concurrency']} "
+            f"per worker (429 beyond it); limits: max_images_per_request "
+            f"{limits['max_images_per_request']}, max_image_pixels "
+            f"{limits['max_image_pixels']:,}, max_request_bytes {limits['max_request_bytes']:,}.")
+    lines += [
+        f"- Load: `wrk`, closed loop, {curves['duration_s']} s per point after "
+        f"{curves['warmup_s']} s of the same load (not measured), from the same machine. "
+        + " ".join(sweep_uploads(curves)),
+        "- answers/s counts every answer; goodput, the 200 answers (every success this API "
+        "sends is a 200); images/s = goodput x images per request. p50 and p99 are wrk's, over "
+        "every answer, refusals included (a quick 429 pulls them down). no answer: wrk's "
+        "connect, read and write errors and timeouts. CPU ms per image: the server's process "
+        "tree's CPU time per image answered. Images per runtime call: BentoML's batch-size "
+        "histogram (requests per batch) x images per request.",
+    ]
+    refused = [(key, p) for sweep in CURVE_SWEEPS for key, p in curve_points(curves, sweep)
+               if p["refused_by_limits"] and not p["limits_raised"]]
+    shipped = "shipped" if config == "configuration.yaml" else "configured"
+    largest = max((p for _, p in curve_points(curves, "images_per_request")),
+                  key=lambda p: p["body_bytes"], default=None)
+    pixels = max((uploads[p["upload"]]["width"] * uploads[p["upload"]]["height"]
+                  for sweep in CURVE_SWEEPS for _, p in curve_points(curves, sweep)), default=0)
+    if refused:
+        lines.append(
+            f"- **The {shipped} limits refuse** "
+            + "; ".join(sorted({
+                f"{key} {upload_name(uploads[p['upload']])} x{p['images_per_request']} "
+                f"({', '.join(p['refused_by_limits'])})" for key, p in refused}))
+            + f": measured as {shipped} (the refusal is the outcome: the 413 column), then on a "
+            "second server with those limits raised through the bench's configuration override "
+            "(rows marked \"limits raised\").")
+    elif largest:
+        lines.append(
+            f"- The {shipped} limits admit every point: the largest request is "
+            f"{largest['images_per_request']} images ({largest['body_bytes'] / 1e6:.1f} MB), the "
+            f"largest image {pixels / 1e6:.1f} megapixels.")
+    lines += ["", "| upload | pixels | bytes | file (bench/assets.py) |", "|---|---|---|---|"]
+    lines += [f"| {u['label']} | {u['width'] * u['height'] / 1e6:.2f} MP | {u['bytes']:,} | "
+              f"{u['file']} |" for u in uploads.values()]
+    lines.append("")
+    for sweep, (title, xlabel) in CURVE_SWEEPS.items():
+        points = curve_points(curves, sweep)
+        if not points:
+            continue
+        lines += [f"### {title}", ""]
+        plot = f"curves-{sweep.replace('_', '-')}.png"
+        if plot in plots:
+            lines += [f"![{plot}](bench/{plot})", ""]
+        lines += [header.replace("{x}", xlabel) for header in CURVES_HEADER]
+        lines += [curve_row(key, sweep, p, uploads) for key, p in points]
+        lines += ["", *curve_findings(curves, sweep), ""]
+    return lines
+
+
+def replace_section(text: str, heading: str, section: list[str]) -> str:
+    """`text` (Markdown) with the `heading` section (up to the next heading of its level)
+    replaced by `section`; where there is none, it goes before the Analysis, or at the end."""
+    level = heading.split(" ", 1)[0] + " "
+    lines = text.split("\n")
+    body = [*section] if not section or section[-1] == "" else [*section, ""]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(level)),
+                   len(lines))
+        return "\n".join(lines[:start] + body + lines[end:])
+    if "## Analysis" in lines:
+        at = lines.index("## Analysis")
+        return "\n".join(lines[:at] + body + lines[at:])
+    return "\n".join([*lines, *([""] if lines and lines[-1] else []), *body])
+
+
+def write_curves_plots(curves: dict, out: Path) -> list[str]:
+    """The plots, and the section's lines."""
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    return curves_section(curves, plot_curves(curves, out))
+
+
+def write_curves(curves: dict, out: Path) -> None:
+    """The plots, and the section in out/benchmarks.md (which keeps everything else)."""
+    section = write_curves_plots(curves, out)
+    path = out / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(replace_section(text, CURVES_HEADING, section))
