@@ -11,7 +11,7 @@ DETECTOR ?= digits-detector:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector serve-models test test-fast lint build container container-gpu container-smoke bench bench-gpu bench-models bench-overhead bench-precision soak drift-report clean
+.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector serve-models test test-fast lint build container container-gpu container-smoke bench peer-venvs bench-gpu bench-models bench-overhead bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -126,10 +126,15 @@ $(BIN)/.bench-installed: $(BIN)/.dev-installed requirements/bench.txt
 	$(PIP_INSTALL) -r requirements/bench.txt
 	touch $@
 
-# wrk is the load generator: C, a few % of a core, so the server gets the machine.
+# wrk is the load generator: C, a few % of a core, so the server gets the machine. The Ray Serve
+# and TorchServe peers run from venvs of their own (build/peers/, requirements/peers-*.txt, about
+# 1 and 6 GB), which the bench makes when it first needs them; `make peer-venvs` makes them ahead.
 bench: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+peer-venvs: $(BIN)/.bench-installed
+	$(BIN)/python -m bench.peers.venvs
 
 # Not in CI: 10 minutes at 80% of measured capacity, with the tests' bad input, multipart fuzz
 # and oversized bodies sent beside it (bench/abuse.py, --abuse-rate); writes docs/soak.md.
