@@ -1,7 +1,8 @@
-"""`python -m bench` (or `make bench`): the runtime ceiling, the decode cost, and three servers on
-the same ONNX graph under the same closed-loop load; the default detector beside the classifiers
-(its ceiling with the per-image work around the runtime, and its service on /detect); writes
-docs/benchmarks.md, plots, raw JSON. `--quick`: a short smoke run that writes under build/."""
+"""`python -m bench` (or `make bench`): the runtime ceiling, the decode cost, and this project's
+server and its peers (FastAPI, LitServe, Ray Serve, TorchServe) on the same ONNX graph under the
+same closed-loop load; the default detector beside the classifiers (its ceiling with the
+per-image work around the runtime, and its service on /detect); writes docs/benchmarks.md,
+plots, raw JSON. `--quick`: a short smoke run that writes under build/."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=["digits", "mobilenet_v3_small", "resnet18", "detector"],
                         help="bench models (bench/assets.py MODELS); `detector` is the default "
                         "digits-detector, served by service:ObjectDetector only")
-    parser.add_argument("--servers", nargs="+", default=["bentoml", "fastapi", "litserve"],
-                        help="servers for the classifiers; the detector gets bentoml only")
+    parser.add_argument("--servers", nargs="+",
+                        default=["bentoml", "fastapi", "litserve", "ray", "torchserve"],
+                        help="servers for the classifiers; the detector gets bentoml only. ray "
+                        "and torchserve run from venvs of their own, made on first use "
+                        "(bench/peers/venvs.py, a few minutes)")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64, 128])
     parser.add_argument("--duration", type=int, default=10, help="seconds per load level")
     parser.add_argument("--ceiling-seconds", type=float, default=2.0)

@@ -12,8 +12,16 @@ from pathlib import Path
 import psutil
 
 SERVERS = {"bentoml": "this project (BentoML)", "fastapi": "FastAPI, one at a time",
-           "litserve": "LitServe, batching"}
+           "litserve": "LitServe, batching", "ray": "Ray Serve, batching",
+           "torchserve": "TorchServe, batching"}
 
+
+def peer_settings(results: dict) -> list[str]:
+    """One line per peer server in the results: what it ran with (bench/servers.py)."""
+    from bench.servers import PEER_SETTINGS
+
+    served = {s for entry in results["models"].values() for s in entry["served"]}
+    return [f"  - {SERVERS[s]}: {PEER_SETTINGS[s]}." for s in PEER_SETTINGS if s in served]
 
 
 def batch_table_header(sizes: list) -> list[str]:
@@ -377,6 +385,7 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
         "(`bench/peers/`), so only the serving layer differs"
         + (". They classify only: the detector is served by this project alone." if detectors
            else "."),
+        *peer_settings(results),
         "",
         "## Targets",
         "",
