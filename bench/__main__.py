@@ -313,6 +313,8 @@ def tune_litserve(key: str, images: dict, duration: int, home: Path) -> tuple[di
     return chosen, tried
 
 
+CORK = {"image_classifier": {"batching": {"dispatch": "cork"}}}
+WHOLE_BATCH = {"image_classifier": {"batching": {"runtime_batch_size": 64}}}
 # (name, model, concurrency, change to configuration.yaml[, modules left out]): one at a time
 LEVERS = [
     ("shipped defaults", "mobilenet_v3_small", 64, {}),
@@ -339,6 +341,17 @@ LEVERS = [
      {"image_classifier": {"batching": {"max_latency_ms": 5000}}}),
     ("1 worker, ORT on all cores", "resnet18", 128,
      {"workers": 1, "image_classifier": {"model": {"intra_op_threads": 0}}}),
+    # serving/batcher.py against BentoML's own dispatch rule; serving/calibration.py's runtime
+    # batch size against one runtime call per batch.
+    ("BentoML's cork dispatch", "mobilenet_v3_small", 4, CORK),
+    ("BentoML's cork dispatch", "mobilenet_v3_small", 64, CORK),
+    ("shipped defaults", "digits", 1, {}),
+    ("BentoML's cork dispatch", "digits", 1, CORK),
+    ("shipped defaults", "digits", 128, {}),
+    ("BentoML's cork dispatch", "digits", 128, CORK),
+    ("shipped defaults", "mobilenet_v3_small", 128, {}),
+    ("one runtime call per batch", "mobilenet_v3_small", 128, WHOLE_BATCH),
+    ("one runtime call per batch", "resnet18", 128, WHOLE_BATCH),
 ]
 
 
