@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
 from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+logger = logging.getLogger(__name__)
 
 # While a batch runs, how often the queue is checked for requests that can no longer be answered
 # in time (BentoML polls every 1 ms; the end of a batch wakes the controller at once anyway).
@@ -63,22 +66,31 @@ class EagerDispatcher(CorkDispatcher[Any, Any]):
 
     async def controller(self) -> None:
         while True:
-            async with self._wake_event:  # until anything is queued
-                await self._wake_event.wait_for(self._queue.__len__)
-            if len(self._queue) > 1 and self.estimated_latency(time.time()) >= self.max_latency:
-                self._queue.popleft().future.cancel()  # answered 503 by BentoML's fallback
-                continue
-            if self._sema.is_locked():  # type: ignore[no-untyped-call]  # a batch runs: wait for its end, re-checking the queue
-                if time.time() - self._queue[0].enqueue_time >= self.max_latency:
-                    self._queue.popleft().future.cancel()
-                    continue
-                self._runtime_free.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._runtime_free.wait(), self.overload_check_s)
-                continue
-            self._sema.acquire()  # type: ignore[no-untyped-call]
-            batch = tuple(self._get_inputs())
-            self._loop.create_task(self.outbound_call(batch))
+            try:
+                await self._release_next()
+            except Exception:  # as BentoML's loop does: a failed round must not stop batching
+                logger.exception("Error dispatching a batch")
+
+    async def _release_next(self) -> None:
+        """One round: wait for a queued request, then refuse what is too late, wait for the
+        running batch to end, or release everything queued as the next batch."""
+        async with self._wake_event:  # until anything is queued
+            await self._wake_event.wait_for(self._queue.__len__)
+        if len(self._queue) > 1 and self.estimated_latency(time.time()) >= self.max_latency:
+            self._queue.popleft().future.cancel()  # answered 503 by BentoML's fallback
+            return
+        # A batch runs: wait for its end, re-checking the queue meanwhile.
+        if self._sema.is_locked():  # type: ignore[no-untyped-call]
+            if time.time() - self._queue[0].enqueue_time >= self.max_latency:
+                self._queue.popleft().future.cancel()
+                return
+            self._runtime_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._runtime_free.wait(), self.overload_check_s)
+            return
+        batch = tuple(self._get_inputs())  # before the semaphore: a failure here leaves it free
+        self._sema.acquire()  # type: ignore[no-untyped-call]
+        self._loop.create_task(self.outbound_call(batch))
 
 
 DISPATCHERS: dict[str, type[CorkDispatcher[Any, Any]]] = {

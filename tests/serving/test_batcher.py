@@ -126,3 +126,20 @@ def test_install_chooses_the_class_bentoml_builds() -> None:
         assert app.CorkDispatcher is CorkDispatcher
     finally:
         app.CorkDispatcher = CorkDispatcher
+
+
+async def test_a_failed_round_does_not_stop_batching() -> None:
+    class FailsOnce(EagerDispatcher):
+        failed = False
+
+        def _get_inputs(self, num_batches=None):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("injected")
+            return super()._get_inputs(num_batches)
+
+    runtime = Runtime()
+    served = FailsOnce(3_600_000, 64, fallback=fallback, get_batch_size=lambda _: 1)
+    call = served(runtime)
+    assert await asyncio.wait_for(call(4), DEADLINE_S) == 40
+    assert served.failed
