@@ -76,7 +76,7 @@ class ImageClassifier:
     ) -> Annotated[ModelInfo, ContentType("application/json")]:
         """The model that answers this caller (routing headers apply as on /classify): tag,
         labels, input spec, execution provider, parity, accuracy; and every variant served."""
-        index, _ = DEPLOYMENT.router.for_request(context.request)
+        index = DEPLOYMENT.router.for_request(context.request)
         card = DEPLOYMENT.served[index].card
         return ModelInfo(**DEPLOYMENT.describe(index, self.predictor.runtimes[index]),
                          parity=card.parity, class_accuracy=card.class_accuracy,

@@ -84,7 +84,7 @@ class ObjectDetector:
         """The model that answers this caller (routing headers apply as on /detect): tag,
         labels, input spec, execution provider, COCO mAP, parity; the default thresholds; and
         every variant served."""
-        index, _ = DEPLOYMENT.router.for_request(context.request)
+        index = DEPLOYMENT.router.for_request(context.request)
         card = DEPLOYMENT.served[index].card
         defaults = SETTINGS.detection
         return DetectorInfo(**DEPLOYMENT.describe(index, self.predictor.runtimes[index]),

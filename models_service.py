@@ -45,7 +45,7 @@ class ModelServer:
 
     def model_info_of(self, name: str, context: bentoml.Context) -> object:
         model = BY_NAME[name]
-        index, _ = model.deployment.router.for_request(context.request)
+        index = model.deployment.router.for_request(context.request)
         return model.routes.info(model.deployment, index, self.predictors[name].runtimes[index],
                                  model.settings)
 

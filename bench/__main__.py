@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench import with_quick_defaults
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "bench"
 # --quick: what it changes where the option is left at its default.
@@ -58,12 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--concurrency 1 16 64 128 --duration 3 --ceiling-seconds 0.5 "
                         "--no-levers --out build/bench/quick (docs/ is left alone); e.g. "
                         "--quick --models detector")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    return args
+    return with_quick_defaults(parser.parse_args(argv), parser, QUICK)
 
 
 def main() -> None:

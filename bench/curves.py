@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import with_quick_defaults
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "bench"
 
@@ -88,12 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run, not a result: where not given, --duration 2 "
                         "--warmup 1 --connections 1 16 128 512 --out build/bench/quick")
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
-    return args
+    return with_quick_defaults(parser.parse_args(argv), parser, QUICK)
 
 
 def main(argv: list[str] | None = None) -> None:

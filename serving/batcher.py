@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -41,13 +42,10 @@ class EagerDispatcher(CorkDispatcher[Any, Any]):
 
     overload_check_s = OVERLOAD_CHECK_S
 
-    @property
+    @functools.cached_property
     def _runtime_free(self) -> asyncio.Event:
         # Created on first use, in the event loop that serves (as BentoML's own condition is).
-        event: asyncio.Event | None = self.__dict__.get("_free_event")
-        if event is None:
-            event = self.__dict__["_free_event"] = asyncio.Event()
-        return event
+        return asyncio.Event()
 
     async def outbound_call(self, inputs_info: Any, training: bool = False) -> None:
         try:

@@ -5,7 +5,8 @@ image at 4 to 16 (docs/benchmarks.md's ceiling tables: mobilenet_v3_small at 224
 at batch 8 against 636 at 64, with two processes of one thread), and ONNX Runtime's memory
 arena keeps the largest batch's activations for the life of the worker. So the predictor runs a
 batch in pieces of the size that served best here, on this machine's cores or GPU, with this
-model (batching.runtime_batch_size: auto), or of a configured size.
+model (batching.runtime_batch_size: auto), or of a configured size: run_in_pieces, which the
+runtime also uses for a graph exported for one fixed batch size.
 """
 
 from __future__ import annotations
@@ -53,3 +54,18 @@ def best_batch_size(run: Callable[[np.ndarray], object], shape: tuple[int, ...],
         size *= 2
     best = max(rates.values())
     return min(size for size, rate in rates.items() if rate * TOLERANCE >= best)
+
+
+def run_in_pieces(run: Callable[[np.ndarray], tuple[np.ndarray, ...]], pixels: np.ndarray,
+                  size: int, pad: bool = False) -> tuple[np.ndarray, ...]:
+    """`run`'s outputs for every row, `size` rows per call (`pad`: the last call filled up to
+    `size` with blank rows, for a graph that takes no other batch size), stacked again."""
+    pieces = []
+    for start in range(0, len(pixels), size):
+        piece = pixels[start:start + size]
+        rows = len(piece)
+        if pad and rows < size:
+            piece = np.concatenate([piece, np.zeros((size - rows, *piece.shape[1:]),
+                                                    piece.dtype)])
+        pieces.append(tuple(output[:rows] for output in run(piece)))
+    return tuple(np.concatenate(outputs) for outputs in zip(*pieces))

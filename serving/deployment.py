@@ -46,9 +46,9 @@ class StoreEntry:
 def keep_out_of_collections() -> None:
     """Move everything the worker has allocated so far (BentoML, its dependencies, the models:
     ~110,000 objects that live as long as the worker) out of the garbage collector's reach.
-    A full collection traverses them all (0.4-0.6 s timed on a loaded 2-core machine), and the
-    event loop answers nothing meanwhile; frozen, they are never traversed again, and the
-    collector scans only what requests allocate."""
+    A full collection traverses them all, and the event loop answers nothing meanwhile;
+    frozen, they are never traversed again, and the collector scans only what requests
+    allocate."""
     gc.collect()
     gc.freeze()
 

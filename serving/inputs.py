@@ -40,8 +40,8 @@ from .uploads import NOT_A_FILE, NotAFile, RequestOptions, TooManyImages, reques
 _CONTEXT = bentoml.Context()
 # Where a request's parsed options are kept, so that every image of it uses the same object.
 _OPTIONS_KEY = "image_service_options"
-# Set once the request's variant has been counted in routed_requests.
-_ROUTED_KEY = "image_service_routed"
+# Set once the request has been counted in routed_requests.
+_COUNTED_KEY = "image_service_routed"
 
 
 @dataclass(frozen=True)
@@ -163,19 +163,16 @@ class Inputs:
         request = current_request()
         if request is None:
             return self.deployment.router.choose(None)
-        index, _ = self.deployment.router.for_request(request)
-        return index
+        return self.deployment.router.for_request(request)
 
     def route(self) -> int:
         """The variant of a request with at least one accepted image; counted once per request
         (a request refused before any image is accepted is not routed to a model)."""
         index = self.variant()
         request = current_request()
-        if request is not None:
-            state = request.scope.setdefault("state", {})
-            if state.get(_ROUTED_KEY) is None:
-                state[_ROUTED_KEY] = index
-                metrics.routed_requests().labels(self.deployment.served[index].tag).inc()
+        if request is not None and not request.scope["state"].get(_COUNTED_KEY):
+            request.scope["state"][_COUNTED_KEY] = True  # variant() made the state
+            metrics.routed_requests().labels(self.deployment.served[index].tag).inc()
         return index
 
     def _decode_upload(self, upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from .cache import CachedAnswer, CacheSlot
+from .calibration import run_in_pieces
 from .contract import GraphSpec, InputSpec
 from .drift import DriftMonitor
 from .errors import RejectedInput
@@ -221,8 +222,10 @@ class Predictor:
     def _run(self, variant: int, pixels: np.ndarray) -> dict[str, np.ndarray]:
         runtime = self.runtimes[variant]
         try:
-            outputs = dict(zip(runtime.output_names,
-                               run_in_pieces(runtime, pixels, self.piece_sizes[variant])))
+            piece = self.piece_sizes[variant]
+            rows = runtime.run(pixels) if piece is None or len(pixels) <= piece else \
+                run_in_pieces(runtime.run, pixels, piece)
+            outputs = dict(zip(runtime.output_names, rows))
         except Exception:
             self.failing = True
             raise
@@ -231,15 +234,6 @@ class Predictor:
         if monitor is not None:
             monitor.observe(outputs[self.graph.features_name])
         return outputs
-
-
-def run_in_pieces(runtime: Runtime, pixels: np.ndarray, piece: int | None
-                  ) -> tuple[np.ndarray, ...]:
-    """The runtime's outputs for every row, `piece` rows per call at most."""
-    if piece is None or len(pixels) <= piece:
-        return runtime.run(pixels)
-    pieces = [runtime.run(pixels[start:start + piece]) for start in range(0, len(pixels), piece)]
-    return tuple(np.concatenate(outputs) for outputs in zip(*pieces))
 
 
 def with_cached(batch: Sequence[Item], answers: Sequence[Any], seconds: Sequence[float]

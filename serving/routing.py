@@ -56,12 +56,10 @@ class Router:
         point = unit_interval(key) if key is not None else random.random()
         return bisect.bisect_right(self._bounds, point)
 
-    def for_request(self, request: HasScope) -> tuple[int, bool]:
-        """The variant of a Starlette request, chosen on first call and kept on the request;
-        and whether this call chose it (so that a request is counted once)."""
+    def for_request(self, request: HasScope) -> int:
+        """The variant of a Starlette request, chosen on first call and kept on the request."""
         state = request.scope.setdefault("state", {})
-        if _STATE_KEY in state:
-            return state[_STATE_KEY], False
-        index = self.choose(self.routing_key(request.headers))
-        state[_STATE_KEY] = index
-        return index, True
+        if _STATE_KEY not in state:
+            state[_STATE_KEY] = self.choose(self.routing_key(request.headers))
+        index: int = state[_STATE_KEY]
+        return index

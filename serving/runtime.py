@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .calibration import run_in_pieces
 from .contract import GraphSpec, InputSpec
 
 logger = logging.getLogger(__name__)
@@ -92,16 +93,8 @@ class OnnxRuntime:
         if size is None or len(pixels) == size:
             return self._run(pixels)
         # A graph exported for a fixed batch (torchvision's detectors: 1): one call per piece of
-        # that size, the last one padded with blank rows, and the rows stacked again.
-        pieces = []
-        for start in range(0, len(pixels), size):
-            piece = pixels[start:start + size]
-            rows = len(piece)
-            if rows < size:
-                piece = np.concatenate([piece, np.zeros((size - rows, *piece.shape[1:]),
-                                                        piece.dtype)])
-            pieces.append(tuple(output[:rows] for output in self._run(piece)))
-        return tuple(np.concatenate(outputs) for outputs in zip(*pieces))
+        # that size, the last one padded with blank rows.
+        return run_in_pieces(self._run, pixels, size, pad=True)
 
     def _run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(self.output_names, {self.graph.input_name: pixels}))
