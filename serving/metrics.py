@@ -52,6 +52,21 @@ def model_info() -> Gauge:
 
 
 @functools.cache
+def admission_gate() -> Gauge:
+    from prometheus_client import Gauge
+
+    return Gauge(
+        "admission_gate",
+        "Requests at each worker's gate (serving/admission.py), summed over live workers, per "
+        "limits section: `waiting` for their turn (body unread), `in_flight` past it, and "
+        "`limit`, what the measured pace lets past it (limits.target_wait_ms).",
+        labelnames=["limits", "state"],
+        namespace=NAMESPACE,
+        multiprocess_mode="livesum",
+    )
+
+
+@functools.cache
 def routed_requests() -> Counter:
     from prometheus_client import Counter
 

@@ -207,12 +207,26 @@ class LimitsSettings(_Section):
         "graceful shutdown waits for requests in flight.",
     )
     max_concurrency: int = Field(
-        default=128, gt=0,
-        description="Requests in flight per worker process; more get 429 with Retry-After. "
-        "Per worker, not per service: workers share connections, not requests.",
+        default=512, gt=0,
+        description="Requests a worker process holds, waiting at the gate or past it; more get "
+        "429 with Retry-After. Per worker, not per service: workers share connections, not "
+        "requests.",
     )
     retry_after_s: int = Field(
         default=1, ge=0, description="Retry-After sent with 429 and 503 answers."
+    )
+    target_wait_ms: int = Field(
+        default=500, ge=0,
+        description="The gate in front of a worker lets through what it answers in this time at "
+        "its measured pace (Little's law: answers/s x this), so that a request past it waits "
+        "about this long; the others wait their turn with their body unread. Below "
+        "batching.max_latency_ms, so that the batcher does not drop uploads already decoded. "
+        "0: no gate (every request up to max_concurrency goes in at once).",
+    )
+    max_queue_wait_ms: int = Field(
+        default=10_000, gt=0,
+        description="How long a request may wait at the gate for its turn (at most "
+        "request_timeout_s); then 503 overloaded with Retry-After.",
     )
 
 
@@ -383,6 +397,17 @@ class ServiceSettings(SharedSettings):
     @property
     def batching_dispatch(self) -> str:
         return self.batching.dispatch
+
+    @model_validator(mode="after")
+    def _the_gate_lets_in_less_than_the_batcher_drops(self) -> ServiceSettings:
+        if self.limits.target_wait_ms >= self.batching.max_latency_ms:
+            raise ValueError(
+                f"limits.target_wait_ms ({self.limits.target_wait_ms}) is not below "
+                f"batching.max_latency_ms ({self.batching.max_latency_ms}): the batcher would "
+                "drop decoded uploads the gate let in; lower the first (about half the second) "
+                "or set it to 0 for no gate"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_request_fits_one_batch(self) -> ServiceSettings:

@@ -48,7 +48,7 @@ def strict(trained_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                           "access_control_allow_headers": ["Authorization", "Content-Type"]}},
         "image_classifier": {
             "batching": {"max_latency_ms": 2},  # so tight that a burst overloads the batcher
-            "limits": LIMITS,
+            "limits": {**LIMITS, "target_wait_ms": 0},  # no gate: the burst reaches the batcher
             "security": {"api_key_file": str(directory / "api_key")},
         },
     }}}))
@@ -303,3 +303,42 @@ def test_a_short_api_key_stops_startup(trained_model: str) -> None:
     result = python("-c", "from service import ImageClassifier", env=env)
     assert result.returncode != 0
     assert "use at least 16" in result.stderr
+
+
+# --- the gate: a burst over the worker's pace waits its turn --------------------------------
+
+@pytest.fixture(scope="module")
+def gated(trained_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One worker whose gate lets in what it answers in 1 ms: after a few answers, two at a
+    time (Pace.FLOOR); everything else waits its turn."""
+    directory = tmp_path_factory.mktemp("gated")
+    config = directory / "gated.yaml"
+    config.write_text(yaml.safe_dump({"services": {"ImageClassifier": {
+        "workers": 1,
+        "image_classifier": {"limits": {"target_wait_ms": 1, "max_queue_wait_ms": 20_000,
+                                        "max_concurrency": 64}},
+    }}}))
+    env = {**os.environ, "BENTOML_CONFIG": str(config)}
+    with start_server(["service:ImageClassifier"], cwd=ROOT, log_dir=directory, env=env) as server:
+        yield server
+
+
+def gate(server: RunningServer, state: str) -> float:
+    return metric_total(metrics(server), "image_classifier_admission_gate", state=state)
+
+
+def test_a_burst_over_the_pace_waits_its_turn_and_is_answered(gated) -> None:
+    for _ in range(60):  # each answer teaches the pace: none is answered within 1 ms
+        assert classify(gated.url).status_code == 200
+    assert gate(gated, "limit") == 2, "the gate lets two requests in at a time"
+    before = metrics(gated)
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: classify(gated.url), range(24)))
+    assert [a.status_code for a in answers] == [200] * 24, \
+        "the 22 over the pace waited for their turn instead of being refused"
+    assert all(a.json()[0]["label"] == "7" for a in answers)
+    after = metrics(gated)
+    refused = (metric_total(after, "image_classifier_rejected_requests_total")
+               - metric_total(before, "image_classifier_rejected_requests_total"))
+    assert refused == 0
+    assert gate(gated, "waiting") == 0 and gate(gated, "in_flight") == 0

@@ -60,10 +60,21 @@ def venv_python(name: str) -> Path:
     return python
 
 
-def main() -> None:
+def peer_names(argv: list[str] | None = None) -> list[str]:
+    """The peers named on the command line; none named: every peer."""
     parser = argparse.ArgumentParser(prog="python -m bench.peers.venvs", description=__doc__)
-    parser.add_argument("names", nargs="*", default=list(PEERS), choices=PEERS)
-    for name in parser.parse_args().names:
+    # Checked here, not with `choices`: argparse checks a list default against the choices as
+    # one value and refuses it ("invalid choice: ['ray', 'torchserve']").
+    parser.add_argument("names", nargs="*", metavar="{" + ",".join(PEERS) + "}",
+                        help="the peers to make (default: all)")
+    names: list[str] = parser.parse_args(argv).names or list(PEERS)
+    if unknown := sorted(set(names) - set(PEERS)):
+        parser.error(f"unknown peer {', '.join(unknown)}: choose from {', '.join(PEERS)}")
+    return names
+
+
+def main() -> None:
+    for name in peer_names():
         print(venv_python(name))
 
 

@@ -101,6 +101,13 @@ def test_venv_is_installed_again_when_an_included_file_changes(tmp_path: Path) -
     assert venvs.requirements_digest(top) != before
 
 
+def test_make_peer_venvs_makes_every_peer_unless_told_which() -> None:
+    assert venvs.peer_names([]) == list(venvs.PEERS)  # `make peer-venvs`
+    assert venvs.peer_names(["ray"]) == ["ray"]
+    with pytest.raises(SystemExit):
+        venvs.peer_names(["triton"])
+
+
 def test_peer_commands_run_from_their_venv_with_the_repository_importable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(venvs, "venv_python", lambda name: Path(f"/peers/{name}/python"))

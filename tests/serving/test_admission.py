@@ -12,7 +12,7 @@ from typing import Any
 import prometheus_client
 import pytest
 
-from serving.admission import Admission, Route
+from serving.admission import Admission, Pace, Route
 from serving.asgi import Receive, Scope, Send
 from serving.settings import LimitsSettings
 from tests.helpers import AsgiAnswer, call_asgi, http_scope, run_asgi
@@ -177,6 +177,143 @@ def test_requests_over_max_concurrency_get_429_with_retry_after() -> None:
     assert refused.json()["error"] == "too_many_requests"
     assert refused.headers["retry-after"] == "7", "Retry-After is limits.retry_after_s"
     assert [a.status for a in held] == [200, 200], "the requests in flight are still answered"
+
+
+# --- the gate: what a worker answers in limits.target_wait_ms at its measured pace ------------
+
+def test_lightly_loaded_the_pace_lets_every_request_in() -> None:
+    pace = Pace(target_s=0.5, ceiling=512)
+    for _ in range(100):
+        pace.record(wait_s=0.005, held=3)  # answers in 5 ms with 3 held
+    assert pace.limit > 250, "100 times what it holds: 3 x 0.5 s / 5 ms"
+    for _ in range(100):
+        pace.record(wait_s=0.0005, held=3)
+    assert pace.limit == 512, "never above max_concurrency"
+
+
+def test_saturated_the_pace_settles_at_what_the_worker_answers_in_the_target() -> None:
+    """A worker that answers 20 requests/s: whatever it holds, each waits held / 20 s. The limit
+    converges to 20 x 0.5 s = 10, from above and from below."""
+    for start in (512.0, 2.0):
+        pace = Pace(target_s=0.5, ceiling=512)
+        pace.limit = start
+        held = int(start)
+        for _ in range(300):
+            held = max(1, min(held, int(pace.limit)))
+            pace.record(wait_s=held / 20, held=held)
+            held += 1  # the clients press for more
+        assert 9 <= pace.limit <= 11, (start, pace.limit)
+
+
+def test_the_pace_keeps_at_least_two_requests_going() -> None:
+    pace = Pace(target_s=0.01, ceiling=512)
+    for _ in range(200):
+        pace.record(wait_s=30.0, held=1)
+    assert pace.limit == Pace.FLOOR and pace.admits(1) and not pace.admits(2)
+
+
+def gated(inner: FakeApp, limit: int, **limits: Any) -> Admission:
+    """Admission whose pace has measured `limit` requests at a time."""
+    app = admission(inner, **limits)
+    assert app.default.pace is not None
+    app.default.pace.limit = limit
+    return app
+
+
+def test_requests_over_the_pace_wait_their_turn_unread_and_go_in_oldest_first() -> None:
+    async def scenario() -> tuple[list[AsgiAnswer], list[str]]:
+        release = asyncio.Event()
+        inner = FakeApp(release=release, read_body=True)
+        app = gated(inner, limit=2, max_queue_wait_ms=5000)
+        requests = []
+        for number in range(5):
+            requests.append(asyncio.create_task(call_asgi(
+                app, http_scope(headers=upload_headers()), [f"body {number}".encode()])))
+            await asyncio.sleep(0.01)
+        assert len(inner.scopes) == 2, "past the gate: what the pace admits"
+        assert bytes(inner.received) == b"body 0body 1", "the waiting bodies are not read"
+        assert app.default.held == 5 and len(app.default.waiting) == 3
+        release.set()
+        answers = list(await asyncio.gather(*requests))
+        return answers, [inner.received.decode()]
+
+    answers, received = asyncio.run(scenario())
+    assert [a.status for a in answers] == [200] * 5, "every waiting request got its turn"
+    assert received == ["body 0body 1body 2body 3body 4"], "turns in arrival order"
+
+
+def test_a_request_without_a_turn_in_max_queue_wait_ms_gets_503_with_retry_after() -> None:
+    async def scenario() -> tuple[AsgiAnswer, list[AsgiAnswer], Admission]:
+        release = asyncio.Event()
+        inner = FakeApp(release=release, read_body=True)
+        app = gated(inner, limit=2, max_queue_wait_ms=50, retry_after_s=3)
+        held = [asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers()),
+                                              [b"held"])) for _ in range(2)]
+        while len(inner.scopes) < 2:
+            await asyncio.sleep(0)
+        refused = await call_asgi(app, http_scope(headers=upload_headers()), [b"never read"])
+        release.set()
+        return refused, list(await asyncio.gather(*held)), app
+
+    before = rejected("overloaded", 503)
+    refused, held, app = asyncio.run(scenario())
+    assert refused.status == 503, refused
+    assert refused.json()["error"] == "overloaded"
+    assert "max_queue_wait_ms" in refused.json()["detail"], "the detail names the setting"
+    assert refused.headers["retry-after"] == "3"
+    assert [a.status for a in held] == [200, 200], "the requests past the gate are answered"
+    assert rejected("overloaded", 503) == before + 1
+    assert app.default.held == 0 and not app.default.waiting, "nothing left counted"
+
+
+def test_a_waiting_request_that_goes_away_gives_up_its_place() -> None:
+    async def scenario() -> tuple[list[AsgiAnswer], Admission]:
+        release = asyncio.Event()
+        inner = FakeApp(release=release)
+        app = gated(inner, limit=1, max_queue_wait_ms=5000)
+        first = asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+        last = asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its server task was cancelled while it waited
+        await asyncio.sleep(0.01)
+        release.set()
+        return list(await asyncio.gather(first, last)), app
+
+    answers, app = asyncio.run(scenario())
+    assert [a.status for a in answers] == [200, 200]
+    assert app.default.held == 0 and not app.default.waiting
+
+
+def test_without_a_gate_every_request_goes_in_at_once() -> None:
+    async def scenario() -> int:
+        release = asyncio.Event()
+        inner = FakeApp(release=release)
+        app = admission(inner, target_wait_ms=0)
+        assert app.default.pace is None
+        requests = [asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+                    for _ in range(6)]
+        await asyncio.sleep(0.05)
+        inside = len(inner.scopes)
+        release.set()
+        await asyncio.gather(*requests)
+        return inside
+
+    assert asyncio.run(scenario()) == 6
+
+
+def test_an_answer_teaches_the_pace_how_long_it_waited_once_its_body_was_in() -> None:
+    async def scenario() -> float:
+        inner = FakeApp(read_body=True)
+        app = admission(inner, target_wait_ms=100)
+        assert app.default.pace is not None
+        app.default.pace.limit = 10.0
+        await call_asgi(app, http_scope(headers=upload_headers()), [b"x"])
+        return app.default.pace.limit
+
+    # Answered in well under a millisecond with one held: the estimate is far above 10.
+    assert asyncio.run(scenario()) > 10.0
 
 
 def test_a_request_not_answered_within_the_timeout_gets_504() -> None:

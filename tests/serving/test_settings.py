@@ -98,6 +98,15 @@ def test_one_request_must_fit_one_batch() -> None:
                                                   "limits": {"max_images_per_request": 9}}))
 
 
+def test_the_gate_must_let_in_less_than_the_batcher_drops() -> None:
+    with pytest.raises(settings.ConfigurationError, match="target_wait_ms"):
+        settings.parse_settings(in_service_block({"batching": {"max_latency_ms": 400},
+                                                  "limits": {"target_wait_ms": 400}}))
+    no_gate = settings.parse_settings(in_service_block({"batching": {"max_latency_ms": 400},
+                                                        "limits": {"target_wait_ms": 0}}))
+    assert no_gate.limits.target_wait_ms == 0
+
+
 def rollout(**section) -> settings.Settings:
     return settings.parse_settings(in_service_block(section))
 
