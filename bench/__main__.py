@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="servers for the classifiers; the detector gets bentoml only. ray "
                         "and torchserve run from venvs of their own, made on first use "
                         "(bench/peers/venvs.py, a few minutes)")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64, 128])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64, 128, 256])
     parser.add_argument("--duration", type=int, default=10, help="seconds per load level")
     parser.add_argument("--ceiling-seconds", type=float, default=2.0)
     parser.add_argument("--levers", action=argparse.BooleanOptionalAction, default=True,
@@ -159,7 +159,7 @@ def measure_model(key: str, args: argparse.Namespace, settings, workers: int, im
     import bentoml
 
     from bench import ceiling
-    from bench.assets import MODELS, ensure_model
+    from bench.assets import MODELS, ensure_model, upload_of
 
     model = MODELS[key]
     providers = list(settings.model.providers)
@@ -175,11 +175,13 @@ def measure_model(key: str, args: argparse.Namespace, settings, workers: int, im
             model_dir, providers, 0, args.ceiling_seconds),
         "decode_ms": ceiling.decode_cost_ms(model_dir, images, args.ceiling_seconds),
         "served": {},
+        "upload": model.upload,
     }
+    upload, content_type = upload_of(key, images)
     for server in args.servers:
         overrides = litserve_config if server == "litserve" else {}
         entry["served"][server] = measure_served(key, server, tag, model_dir, overrides, args,
-                                                 images["jpeg"])
+                                                 upload, content_type=content_type)
     return entry
 
 
@@ -191,7 +193,10 @@ def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: 
 
     route = servers.ROUTES[task]
     with servers.serve(server, tag, model_dir, WORK, overrides, task=task) as running:
-        print(f"[{key}] {server}: ready in {running.ready_s:.2f}s", flush=True)
+        time.sleep(2)  # settled: what the server holds before any request
+        idle_rss_mb = load.rss_mb(running.pid)
+        print(f"[{key}] {server}: ready in {running.ready_s:.2f}s, idle RSS {idle_rss_mb:.0f} MB",
+              flush=True)
         load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type,
                      route=route)  # warm up
         levels = []
@@ -204,7 +209,7 @@ def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: 
                   + (f" ({result.requests - result.ok} not 200)" if result.requests > result.ok
                      else ""), flush=True)
             levels.append(asdict(result))
-    return {"ready_s": running.ready_s, "levels": levels}
+    return {"ready_s": running.ready_s, "idle_rss_mb": idle_rss_mb, "levels": levels}
 
 
 def measure_detector(key: str, args: argparse.Namespace, document: dict) -> dict:
@@ -293,16 +298,18 @@ def tune_litserve(key: str, images: dict, duration: int, home: Path) -> tuple[di
     import bentoml
 
     from bench import load, servers
-    from bench.assets import MODELS, ensure_model
+    from bench.assets import MODELS, ensure_model, upload_of
 
     tag = ensure_model(MODELS[key], home, ROOT)
     model_dir = Path(bentoml.models.get(tag).path)
+    upload, content_type = upload_of(key, images)
     tried = {}
     for config in LITSERVE_GRID:
         with servers.serve("litserve", tag, model_dir, WORK, config) as running:
-            load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3, sample_batches=False)
-            result = load.run_wrk(running.url, running.pid, images["jpeg"], 64, duration,
-                                  sample_batches=False)
+            load.run_wrk(running.url, running.pid, upload, 16, 3, sample_batches=False,
+                         content_type=content_type)
+            result = load.run_wrk(running.url, running.pid, upload, 64, duration,
+                                  sample_batches=False, content_type=content_type)
         name = ", ".join(f"{k}={v}" for k, v in config.items())
         print(f"[litserve tuning] {name}: {result.throughput:.1f} req/s", flush=True)
         tried[name] = {"config": config, "throughput": result.throughput, "p99_ms": result.p99_ms}
@@ -312,6 +319,7 @@ def tune_litserve(key: str, images: dict, duration: int, home: Path) -> tuple[di
 
 CORK = {"image_classifier": {"batching": {"dispatch": "cork"}}}
 WHOLE_BATCH = {"image_classifier": {"batching": {"runtime_batch_size": 64}}}
+NO_GATE = {"image_classifier": {"limits": {"target_wait_ms": 0}}}
 # (name, model, concurrency, change to configuration.yaml[, modules left out]): one at a time
 LEVERS = [
     ("shipped defaults", "mobilenet_v3_small", 64, {}),
@@ -349,6 +357,9 @@ LEVERS = [
     ("shipped defaults", "mobilenet_v3_small", 128, {}),
     ("one runtime call per batch", "mobilenet_v3_small", 128, WHOLE_BATCH),
     ("one runtime call per batch", "resnet18", 128, WHOLE_BATCH),
+    # serving/admission.py's gate against none: every request goes in and is decoded at once.
+    ("shipped defaults", "resnet18", 256, {}),
+    ("no gate (limits.target_wait_ms 0)", "resnet18", 256, NO_GATE),
 ]
 
 
@@ -358,6 +369,7 @@ def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dic
     import bentoml
 
     from bench import load, profile, servers
+    from bench.assets import upload_of
 
     measured, shares = [], {}
     for name, key, concurrency, overrides, *without in LEVERS:
@@ -366,12 +378,14 @@ def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dic
         without = tuple(without[0]) if without else ()
         tag = models[key]["tag"]
         model_dir = Path(bentoml.models.get(tag).path)
+        upload, content_type = upload_of(key, images)
         with servers.serve("bentoml", tag, model_dir, WORK, overrides, without) as running:
-            load.run_wrk(running.url, running.pid, images["jpeg"], 16, 3)
+            load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type)
             spy = None
             if not overrides and not without and key == "mobilenet_v3_small":
                 spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
-            result = load.run_wrk(running.url, running.pid, images["jpeg"], concurrency, duration)
+            result = load.run_wrk(running.url, running.pid, upload, concurrency, duration,
+                                  content_type=content_type)
             if spy is not None:
                 spy.wait()
                 shares = profile.summarize(WORK / "profile.txt")

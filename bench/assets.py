@@ -19,10 +19,11 @@ class BenchModel:
     kind: str          # "light", "heavy", "detector", ...: as the targets call them
     export_args: tuple[str, ...]
     task: str = "classification"  # or "detection": served by service:ObjectDetector on /detect
+    upload: str = "jpeg-224"  # the image sent under load: a key of UPLOADS
 
 
 MODELS = {
-    "digits": BenchModel("digits", "digits-classifier", "default", ()),
+    "digits": BenchModel("digits", "digits-classifier", "default", (), upload="digit-png"),
     "mobilenet_v3_small": BenchModel(
         "mobilenet_v3_small", "bench-mobilenet-v3-small-224", "light",
         ("--architecture", "mobilenet_v3_small", "--input-size", "224", "--epochs", "0")),
@@ -73,14 +74,36 @@ def photo_like(size: tuple[int, int] = (640, 480), seed: int = 0) -> Image.Image
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+# What each upload is, by key: its description and Content-Type. A classifier is sent the image
+# of its input size (BenchModel.upload): a 224x224 JPEG for the 224 models, a 28x28 PNG digit for
+# the digits model; the 640x480 photo measures the decode cost.
+UPLOADS = {
+    "jpeg-224": ("224x224 photo-like JPEG", "image/jpeg"),
+    "digit-png": ("28x28 PNG of a handwritten digit (examples/digit_7_00.png)", "image/png"),
+    "jpeg": ("640x480 photo-like JPEG", "image/jpeg"),
+    "png": ("640x480 photo-like PNG", "image/png"),
+}
+DIGIT = Path(__file__).resolve().parent.parent / "examples" / "digit_7_00.png"
+
+
 def write_images(directory: Path) -> dict[str, Path]:
-    """The uploads: a 640x480 JPEG (quality 85) and the same picture as PNG."""
+    """The uploads (UPLOADS): a 640x480 JPEG (quality 85) and the same picture as PNG, a
+    224x224 JPEG (quality 85), and the digit PNG."""
     directory.mkdir(parents=True, exist_ok=True)
     image = photo_like()
-    paths = {"jpeg": directory / "photo-640x480.jpg", "png": directory / "photo-640x480.png"}
+    paths = {"jpeg": directory / "photo-640x480.jpg", "png": directory / "photo-640x480.png",
+             "jpeg-224": directory / "photo-224x224.jpg", "digit-png": directory / DIGIT.name}
     image.save(paths["jpeg"], quality=85)
     image.save(paths["png"])
+    photo_like((224, 224), seed=1).save(paths["jpeg-224"], quality=85)
+    paths["digit-png"].write_bytes(DIGIT.read_bytes())
     return paths
+
+
+def upload_of(key: str, images: dict[str, Path]) -> tuple[Path, str]:
+    """The file and Content-Type a bench model is sent under load."""
+    upload = MODELS[key].upload
+    return images[upload], UPLOADS[upload][1]
 
 
 WORDS = ("model", "image", "serve", "batch", "latency", "request", "worker", "queue", "the",

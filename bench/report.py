@@ -79,6 +79,88 @@ def at(levels: list[dict], concurrency: int) -> dict | None:
     return next((r for r in levels if r["concurrency"] == concurrency), None)
 
 
+def uploads_line(results: dict) -> str:
+    """Which image each classifier was sent: the same for every server."""
+    from bench.assets import UPLOADS
+
+    sent: dict[str, list[str]] = {}
+    for key, entry in results["models"].items():
+        if not is_detector(entry):
+            sent.setdefault(entry.get("upload", "jpeg"), []).append(key)
+    return "; ".join(
+        f"{', '.join(keys)}: a {UPLOADS[upload][0]} ({results['images'][upload] / 1000:.1f} kB)"
+        for upload, keys in sent.items()) + (", the same for every server, as "
+                                             "multipart/form-data.")
+
+
+def peer_rows(key: str, entry: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 18's goals against the peers on one model: at 64 and 128 connections >= 1.3x the
+    best peer's throughput with a p99 at or below its; at 1 and 4 connections a p50 within 10%
+    of FastAPI's (no batching); at 1 connection a p99 within 3x the p50."""
+    served = entry["served"]
+    ours = served.get("bentoml")
+    if not ours:
+        return []
+    rows: list[tuple[str, str, bool | None]] = []
+    peers = {name: run for name, run in served.items() if name != "bentoml"}
+    for c in (64, 128):
+        level = at(ours["levels"], c)
+        theirs = {name: at(run["levels"], c) for name, run in peers.items()}
+        theirs = {name: lv for name, lv in theirs.items() if lv}
+        if not level or not theirs:
+            continue
+        name, peer = max(theirs.items(), key=lambda item: item[1]["throughput"])
+        ratio = level["throughput"] / peer["throughput"]
+        rows.append((f"{key}: c={c} ≥ 1.3x the best peer ({SERVERS.get(name, name)}), p99 at "
+                     "or below its",
+                     f"{level['throughput']:.0f} vs {peer['throughput']:.0f} req/s = {ratio:.2f}x"
+                     f"; p99 {level['p99_ms']:.0f} vs {peer['p99_ms']:.0f} ms",
+                     ratio >= 1.3 and level["p99_ms"] <= peer["p99_ms"]))
+    fastapi = served.get("fastapi")
+    for c in (1, 4):
+        level = at(ours["levels"], c)
+        other = at(fastapi["levels"], c) if fastapi else None
+        if level and other:
+            rows.append((f"{key}: c={c} p50 within 10% of FastAPI's (no batching)",
+                         f"{level['p50_ms']:.1f} vs {other['p50_ms']:.1f} ms",
+                         level["p50_ms"] <= 1.1 * other["p50_ms"]))
+    level = at(ours["levels"], 1)
+    if level:
+        rows.append((f"{key}: c=1 p99 within 3x its p50",
+                     f"{level['p99_ms']:.1f} / {level['p50_ms']:.1f} ms = "
+                     f"{level['p99_ms'] / level['p50_ms']:.1f}x",
+                     level["p99_ms"] <= 3 * level["p50_ms"]))
+    return rows
+
+
+def load_rows(key: str, entry: dict, litserve_idle_mb: float | None
+              ) -> list[tuple[str, str, bool | None]]:
+    """Goodput (200s only) at 128 and 256 connections >= 90% of the peak; idle RSS of the whole
+    server at most LitServe's; peak RSS at 128 connections <= 600 MB."""
+    ours = entry["served"].get("bentoml")
+    if not ours:
+        return []
+    rows: list[tuple[str, str, bool | None]] = []
+    peak = best(ours["levels"])
+    for c in (128, 256):
+        level = at(ours["levels"], c)
+        if level:
+            share = level["throughput"] / peak["throughput"]
+            refused = level["status_429"] + level["status_503"] + level["status_504"]
+            rows.append((f"{key}: goodput at c={c} ≥ 90% of the peak",
+                         f"{level['throughput']:.0f} / {peak['throughput']:.0f} = {share:.0%} "
+                         f"({refused} refused)", share >= 0.90))
+    if "idle_rss_mb" in ours and litserve_idle_mb:
+        rows.append((f"{key}: idle RSS (all processes) ≤ LitServe's",
+                     f"{ours['idle_rss_mb']:.0f} vs {litserve_idle_mb:.0f} MB",
+                     ours["idle_rss_mb"] <= litserve_idle_mb))
+    level = at(ours["levels"], 128)
+    if level:
+        rows.append((f"{key}: peak RSS at c=128 ≤ 600 MB", f"{level['server_rss_mb']:.0f} MB",
+                     level["server_rss_mb"] <= 600))
+    return rows
+
+
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     rows = []
     models = results["models"]
@@ -135,6 +217,10 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     for key, entry in models.items():
         if is_detector(entry) and "bentoml" in entry["served"]:
             rows += detector_targets(key, entry)
+    for key, entry in models.items():
+        if not is_detector(entry):
+            litserve = entry["served"].get("litserve", {})
+            rows += peer_rows(key, entry) + load_rows(key, entry, litserve.get("idle_rss_mb"))
     ready = [m["served"]["bentoml"]["ready_s"] for m in models.values()
              if "bentoml" in m["served"]]
     if ready:
@@ -212,7 +298,8 @@ def analysis(results: dict) -> str:
         ceiling = ceiling_of(entry)
         as_served = max(entry["runtime_service_threads"].values())
         runtime_ms = cores * 1000 / ceiling
-        decode_ms = entry["decode_ms"]["jpeg"]
+        upload = entry.get("upload", "jpeg")  # results before per-model uploads: the 640x480
+        decode_ms = entry["decode_ms"][upload]
         bound = cores * 1000 / (runtime_ms + decode_ms)
         peak = best(entry["served"]["bentoml"]["levels"])
         spent = peak["server_cpu_cores"] * 1000 / peak["throughput"]
@@ -220,7 +307,7 @@ def analysis(results: dict) -> str:
             f"**{key}** ({entry['kind']}): the runtime's best on {cores} cores is {ceiling:.0f} "
             f"images/s ({runtime_ms:.2f} core-ms per image; {as_served:.0f}/s in the served layout "
             f"of one single-threaded runtime per worker), and decoding the "
-            f"{results['images']['jpeg'] / 1000:.0f} kB JPEG costs {decode_ms:.2f} core-ms more, "
+            f"{results['images'][upload] / 1000:.0f} kB upload costs {decode_ms:.2f} core-ms more, "
             f"which the ceiling leaves out. A server that did nothing else could answer at most "
             f"{bound:.0f} uploads/s = {bound / ceiling:.0%} of the ceiling. The service peaked at "
             f"{peak['throughput']:.0f}/s (c={peak['concurrency']}) = "
@@ -374,10 +461,9 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
         "only, their answers mean nothing); the digits model trained as shipped"
         + ("; the detector (`digits-detector`, 128x128 letterboxed input) trained as shipped "
            "(`--task detection`)." if detectors else "."),
-        f"- Uploads: the same photo-like 640x480 JPEG ({results['images']['jpeg'] / 1000:.1f} kB) "
-        + ("for every server and classifier, as multipart/form-data. The detector: one composed "
-           "scene, the same for every request, as a PNG (its section says what is in it)."
-           if detectors else "for every server and model, as multipart/form-data."),
+        "- Uploads: " + uploads_line(results)
+        + (" The detector: one composed scene, the same for every request, as a PNG (its "
+           "section says what is in it)." if detectors else ""),
         f"- Load: `wrk`, closed loop (each connection sends its next request when the last is "
         f"answered), {results['args']['duration']} s per level after a 3 s warm-up, from the same "
         "machine; its own CPU use is in the tables (`loadgen CPU`).",
