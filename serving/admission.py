@@ -49,6 +49,9 @@ class Route:
     media_type: str
     how_to_send: str
     timed: bool = True
+    # Through the gate (Budget.enter), and its answers teach the pace: the batched routes. The
+    # others (/model_info, /drift) answer at once and would teach it waits no upload has.
+    gated: bool = True
     # Other types it takes ("": none given): the protocol's infer route, whose clients send
     # the binary extension as application/octet-stream, or with no Content-Type at all.
     also_accepts: tuple[str, ...] = ()
@@ -107,10 +110,12 @@ def admission_routes(apis: Mapping[str, Any], how_to_send: Callable[[Any], str],
     the same ASGI call."""
     routes = {}
     for api in apis.values():
-        route = Route(api.input_spec.mime_type(), how_to_send(api), also_accepts=also_accepts(api))
+        route = Route(api.input_spec.mime_type(), how_to_send(api), also_accepts=also_accepts(api),
+                      gated=api.batchable)
         routes[api.route] = route
         if api.is_task:
-            routes[f"{api.route}/submit"] = Route(route.media_type, route.how_to_send, timed=False)
+            routes[f"{api.route}/submit"] = Route(route.media_type, route.how_to_send, timed=False,
+                                                  gated=False)
     return routes
 
 
@@ -176,10 +181,10 @@ class Admission:
         if budget.held >= budget.limits.max_concurrency:
             return await refuse(
                 send, "too_many_requests",
-                f"this worker has {budget.held} requests in flight, its limit "
+                f"this worker holds {budget.held} requests (at its gate or past it), its limit "
                 f"({budget.key}.max_concurrency); retry after the time in Retry-After",
                 budget.retry_after())
-        if route.timed and not await budget.enter():
+        if route.gated and not await budget.enter():
             # Not the body's turn within the wait: refused with a few headers read, not after
             # an upload was decoded and then dropped by the batcher's max_latency_ms.
             return await refuse(
@@ -188,8 +193,8 @@ class Admission:
                 f"({budget.key}.max_queue_wait_ms): this worker takes {budget.pace_limit()} "
                 "requests at a time at its measured pace and more were waiting; retry after "
                 "the time in Retry-After", budget.retry_after())
-        if not route.timed:
-            budget.in_flight += 1  # a job's submit: answered at once, its job runs after
+        if not route.gated:
+            budget.in_flight += 1  # counted, not queued: a job's submit, /model_info
         try:
             await self._admitted(scope, receive, send, route, budget)
         finally:
@@ -205,7 +210,8 @@ class Admission:
         try:
             async with asyncio.timeout(limits.request_timeout_s):
                 await self.app(scope, exchange.receive, exchange.send)
-            if budget.pace is not None and (wait := exchange.server_wait_s()) is not None:
+            if route.gated and budget.pace is not None and \
+                    (wait := exchange.server_wait_s()) is not None:
                 budget.pace.record(wait, budget.in_flight)
         except TimeoutError:
             if exchange.response_started:

@@ -3,15 +3,27 @@ this worker's GPU when there are several (worker_device_id)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from .calibration import run_in_pieces
 from .contract import GraphSpec, InputSpec
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+
+def onnxruntime() -> ModuleType:
+    """ONNX Runtime, imported when a worker first needs it: BentoML's supervisor imports the
+    service module to read its definition, and importing ONNX Runtime there would add about
+    30 MB to a process that never runs a model."""
+    return importlib.import_module("onnxruntime")
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +69,7 @@ class OnnxRuntime:
     ) -> None:
         """`device_id`: the CUDA device (an index among those visible) the GPU providers use;
         None: CUDA's default, the first."""
+        ort = onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -106,7 +119,8 @@ class OnnxRuntime:
 
 def gpu_available() -> bool:
     """An NVIDIA device is visible and this onnxruntime build has the CUDA provider."""
-    return gpu_device_files() > 0 and "CUDAExecutionProvider" in ort.get_available_providers()
+    return gpu_device_files() > 0 and \
+        "CUDAExecutionProvider" in onnxruntime().get_available_providers()
 
 
 def gpu_device_files() -> int:

@@ -22,7 +22,9 @@ MULTIPART = "multipart/form-data; boundary=x"
 ROUTES = {
     "/classify": Route("multipart/form-data", "image files in the `images` field"),
     "/classify_tensor": Route("application/json", '{"pixels": [...]}'),
-    "/classify_batch/submit": Route("multipart/form-data", "image files", timed=False),
+    "/classify_batch/submit": Route("multipart/form-data", "image files", timed=False,
+                                    gated=False),
+    "/model_info": Route("application/json", "an empty JSON object {}", gated=False),
 }
 PUBLIC_PATHS = ["/livez", "/metrics", "/", "/static_content/"]
 # BentoML 1.4.39's 400 for a pydantic ValidationError (app.py, api_endpoint_wrapper).
@@ -284,6 +286,44 @@ def test_a_waiting_request_that_goes_away_gives_up_its_place() -> None:
     answers, app = asyncio.run(scenario())
     assert [a.status for a in answers] == [200, 200]
     assert app.default.held == 0 and not app.default.waiting
+
+
+def test_routes_that_batch_nothing_pass_a_full_gate() -> None:
+    async def scenario() -> AsgiAnswer:
+        release = asyncio.Event()
+        inner = FakeApp(release=release)
+        app = gated(inner, limit=1, max_queue_wait_ms=5000)
+        held = asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+        waiting = asyncio.create_task(call_asgi(app, http_scope(headers=upload_headers())))
+        await asyncio.sleep(0.01)
+        assert len(app.default.waiting) == 1
+        info = asyncio.create_task(call_asgi(app, http_scope(
+            "/model_info", headers={"content-type": "application/json", "content-length": "2",
+                                    "authorization": f"Bearer {API_KEY}"}), [b"{}"]))
+        await asyncio.sleep(0.01)
+        assert len(inner.scopes) == 2, "/model_info went past the waiting upload"
+        release.set()
+        await asyncio.gather(held, waiting)
+        return await info
+
+    assert asyncio.run(scenario()).status == 200
+
+
+def test_only_batched_routes_are_gated() -> None:
+    from types import SimpleNamespace
+
+    from serving.admission import admission_routes
+
+    def api(route: str, batchable: bool, is_task: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(route=route, batchable=batchable, is_task=is_task,
+                               input_spec=SimpleNamespace(mime_type=lambda: "application/json"))
+
+    routes = admission_routes({"a": api("/classify", True), "b": api("/model_info", False),
+                               "c": api("/classify_batch", False, is_task=True)},
+                              lambda api: "what to send")
+    assert {path: r.gated for path, r in routes.items()} == {
+        "/classify": True, "/model_info": False, "/classify_batch": False,
+        "/classify_batch/submit": False}
 
 
 def test_without_a_gate_every_request_goes_in_at_once() -> None:
