@@ -18,6 +18,7 @@ import psutil
 LUA = Path(__file__).with_name("multipart.lua")
 PACED_LUA = Path(__file__).with_name("paced.lua")
 PREPARED_LUA = Path(__file__).with_name("prepared.lua")
+PLAIN_LUA = Path(__file__).with_name("plain.lua")
 BOUNDARY = "----benchboundary7MA4YWxkTrZu0gW"  # multipart.lua's
 
 
@@ -211,3 +212,40 @@ def run_wrk(url: str, pid: int, image: Path, concurrency: int, seconds: int,
         images_per_request=images_per_request,
         body_bytes=body_bytes,
     )
+
+
+# What a request costs this project's service before any work, at 1 connection: a route our own
+# middleware answers (uvicorn, BentoML's outer middlewares and ours), and a BentoML API that does
+# nothing (the same, plus BentoML's router, endpoint, thread hand-off and serialization).
+FLOOR_ROUTES = {
+    "middleware route (GET /v2/health/live)": ("GET", "/v2/health/live", None),
+    "empty BentoML API (POST /model_info {})": ("POST", "/model_info", "{}"),
+}
+_WRK_TIME = re.compile(r"([\d.]+)(us|ms|s)\b")
+
+
+def wrk_ms(text: str) -> float:
+    """wrk's "369.00us", "1.23ms", "2.01s" in milliseconds."""
+    match = _WRK_TIME.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a wrk time: {text!r}")
+    value, unit = float(match[1]), match[2]
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_plain(url: str, method: str, body: str | None, seconds: int) -> dict[str, float]:
+    """One connection, closed loop, on a route without an upload: answers/s and the p50 (wrk's
+    own p99 for such short requests counts its connection set-up, so it is not kept)."""
+    command = ["wrk", "-t", "1", "-c", "1", "-d", f"{seconds}s", "--latency", "-s",
+               str(PLAIN_LUA), url, "--", method, *([body] if body else [])]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    p50 = next(line.split()[1] for line in output.splitlines()
+               if line.strip().startswith("50%"))
+    rate = next(line.split(":")[1] for line in output.splitlines()
+                if line.startswith("Requests/sec"))
+    return {"throughput": float(rate), "p50_ms": wrk_ms(p50)}
+
+
+def floor(url: str, seconds: int) -> dict[str, dict[str, float]]:
+    return {name: run_plain(url + path, method, body, seconds)
+            for name, (method, path, body) in FLOOR_ROUTES.items()}

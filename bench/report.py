@@ -124,6 +124,10 @@ def peer_rows(key: str, entry: dict) -> list[tuple[str, str, bool | None]]:
             rows.append((f"{key}: c={c} p50 within 10% of FastAPI's (no batching)",
                          f"{level['p50_ms']:.1f} vs {other['p50_ms']:.1f} ms",
                          level["p50_ms"] <= 1.1 * other["p50_ms"]))
+    for route, figures in ours.get("floor", {}).items():
+        rows.append((f"{key}: c=1 floor, {route}",
+                      f"p50 {figures['p50_ms']:.2f} ms, {figures['throughput']:.0f} req/s",
+                      None))
     level = at(ours["levels"], 1)
     if level:
         rows.append((f"{key}: c=1 p99 within 3x its p50",

@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from bench import load
 from bench.load import BOUNDARY, multipart_body, write_body
 from serving.uploads import FilesOnlyMultipartSerde
 from tests.helpers import http_scope
@@ -76,3 +77,11 @@ def test_write_body_puts_the_body_beside_the_image(tmp_path) -> None:
     path, header = write_body(image, 3, "image/jpeg")
     assert path.parent == tmp_path and path.read_bytes() == multipart_body(IMAGE, 3)[1]
     assert header == multipart_body(IMAGE, 3)[0]
+
+
+def test_wrk_times_are_read_in_milliseconds() -> None:
+    assert load.wrk_ms("369.00us") == pytest.approx(0.369)
+    assert load.wrk_ms("1.23ms") == pytest.approx(1.23)
+    assert load.wrk_ms("2.01s") == pytest.approx(2010.0)
+    with pytest.raises(ValueError):
+        load.wrk_ms("fast")
