@@ -2,10 +2,11 @@
 (`bentoml serve service:ImageClassifier`).
 
 A request's path, by file: serving/request_log.py (one JSON line when it is answered) ->
-serving/admission.py (API key, Content-Type, size, concurrency, timeout; every refusal as
-`{"error", "detail"}`) -> serving/uploads.py (files only) -> serving/inputs.py (routed to a
+serving/admission.py (API key, Content-Type, size, concurrency, the gate, timeout; every refusal
+as `{"error", "detail"}`) -> serving/uploads.py (files only) -> serving/inputs.py (routed to a
 variant, decoded by serving/preprocess.py while the request is parsed) -> BentoML's adaptive
-batcher -> serving/predictor.py (serving/runtime.py per variant, features to serving/drift.py,
+batcher (or, for a request that finds the model idle, serving/fast_lane.py) ->
+serving/predictor.py (serving/runtime.py per variant, features to serving/drift.py,
 serving/classification.py's top-k and metrics, a copy to serving/shadow.py) -> JSON
 (serving/schemas.py).
 Everything about the model comes from its store entry (serving/deployment.py reads it once, at

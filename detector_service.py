@@ -4,9 +4,10 @@
 The same path as ImageClassifier (classifier_service.py), with the detection task in the middle:
 serving/request_log.py -> serving/admission.py -> serving/uploads.py (files, and the request's
 threshold fields) -> serving/inputs.py (routed; letterboxed by serving/detection.py while the
-request is parsed) -> BentoML's adaptive batcher -> serving/predictor.py (serving/runtime.py per
-variant, features to serving/drift.py, serving/detection.py's thresholds, per-class NMS and top-k
-per image, mapped back to the upload's pixels; a copy to serving/shadow.py) -> JSON
+request is parsed) -> BentoML's adaptive batcher (or serving/fast_lane.py for a lone
+request) -> serving/predictor.py (serving/runtime.py per variant, features to serving/drift.py,
+serving/detection.py's thresholds, per-class NMS and top-k per image, mapped back to the
+upload's pixels; a copy to serving/shadow.py) -> JSON
 (serving/schemas.py). No torch and no training code is imported here.
 """
 

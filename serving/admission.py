@@ -195,6 +195,7 @@ class Admission:
                 "the time in Retry-After", budget.retry_after())
         if not route.gated:
             budget.in_flight += 1  # counted, not queued: a job's submit, /model_info
+        scope.setdefault("state", {})[BUDGET_STATE] = budget  # for the fast lane
         try:
             await self._admitted(scope, receive, send, route, budget)
         finally:
@@ -243,6 +244,18 @@ class Admission:
         if length.isdigit() and int(length) > limit:
             return ("request_too_large", body_too_large(f"{int(length)} bytes", limit, budget.key))
         return None
+
+
+# Where admission leaves a request's budget in its scope (the ASGI scope's "state", which
+# Starlette's request.state reads).
+BUDGET_STATE = "admission_budget"
+
+
+def alone_in_its_budget(scope: Scope) -> bool:
+    """Admitted, and the only request its limits hold in this worker: none other past the gate
+    or waiting at it (serving/fast_lane.py)."""
+    budget = scope.get("state", {}).get(BUDGET_STATE)
+    return budget is not None and budget.in_flight == 1 and not budget.waiting
 
 
 class Budget:

@@ -67,6 +67,19 @@ def admission_gate() -> Gauge:
 
 
 @functools.cache
+def fast_lane_answers() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "fast_lane_answers",
+        "Requests answered by the fast lane (serving/fast_lane.py: the model was idle), by "
+        "route; bentoml_service_adaptive_batch_size counts the batcher's batches only.",
+        labelnames=["route"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
 def routed_requests() -> Counter:
     from prometheus_client import Counter
 

@@ -17,6 +17,7 @@ Plain Python over plain objects: unit-testable with a fake runtime, no server ne
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,14 @@ class Task(Protocol):
         """Per image: did a shadow model's outputs agree with the answer served?"""
 
 
+# Held while a worker's models run: service code runs one call at a time in a worker, whether
+# it comes from BentoML's batcher thread, a job, or the fast lane in the event loop
+# (serving/fast_lane.py), as BentoML's own one-thread limiter kept it before there was a lane.
+# The drift windows, the shadow's queue and the runtimes' arenas assume it. Re-entrant: the fast
+# lane holds it around a service method that takes it again.
+RUNNING = threading.RLock()
+
+
 class Predictor:
     """The served models of one deployment, in variant order, and the task that reads them."""
 
@@ -140,12 +149,13 @@ class Predictor:
 
     def _answer(self, batch: Sequence[Item]) -> tuple[list[Any], dict[str, np.ndarray]]:
         """Answers in batch order, and the outputs of the rows that were run."""
-        fresh = [item for item in batch if item.cached is None]
-        outputs, answers, seconds = self._infer(fresh) if fresh else ({}, [], [])
-        if len(fresh) < len(batch):
-            answers, seconds = with_cached(batch, answers, seconds)
-        self.task.record(answers, seconds)
-        return answers, outputs
+        with RUNNING:
+            fresh = [item for item in batch if item.cached is None]
+            outputs, answers, seconds = self._infer(fresh) if fresh else ({}, [], [])
+            if len(fresh) < len(batch):
+                answers, seconds = with_cached(batch, answers, seconds)
+            self.task.record(answers, seconds)
+            return answers, outputs
 
     def _infer(self, batch: Sequence[Item]
                ) -> tuple[dict[str, np.ndarray], list[Any], list[float]]:

@@ -177,6 +177,13 @@ class BatchingSettings(_Section):
         "holds requests back while it predicts that a bigger batch pays. One rule per worker: "
         "in a multi-model deployment every model must name the same.",
     )
+    fast_lane: bool = Field(
+        default=True,
+        description="A request that finds its model idle in its worker (nothing else in "
+        "flight) is answered without BentoML's batcher and endpoint machinery, with the same "
+        "validation, limits and answer (serving/fast_lane.py); the others are batched as "
+        "before. One setting per worker: in a multi-model deployment the first model's holds.",
+    )
 
 
 class LimitsSettings(_Section):
@@ -359,6 +366,11 @@ class SharedSettings(_Section):
         """The workers' rule for releasing a batch (serving/batcher.py)."""
         return "eager"
 
+    @property
+    def batching_fast_lane(self) -> bool:
+        """Whether a request that finds its model idle skips the batcher (serving/fast_lane.py)."""
+        return True
+
     def api_key(self) -> str | None:
         """The configured API key, or None when the service runs without one."""
         if self.security.api_key_file is not None:
@@ -397,6 +409,10 @@ class ServiceSettings(SharedSettings):
     @property
     def batching_dispatch(self) -> str:
         return self.batching.dispatch
+
+    @property
+    def batching_fast_lane(self) -> bool:
+        return self.batching.fast_lane
 
     @model_validator(mode="after")
     def _the_gate_lets_in_less_than_the_batcher_drops(self) -> ServiceSettings:
@@ -543,6 +559,10 @@ class ModelServerSettings(SharedSettings):
     @property
     def batching_dispatch(self) -> str:
         return self.models[0].batching.dispatch
+
+    @property
+    def batching_fast_lane(self) -> bool:
+        return self.models[0].batching.fast_lane
 
     @property
     def default(self) -> str:

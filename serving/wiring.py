@@ -12,6 +12,7 @@ import bentoml
 from . import batcher
 from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
 from .asgi import PathAliases
+from .fast_lane import FastLane
 from .inference_protocol import (
     ProtocolModel,
     ProtocolPaths,
@@ -96,3 +97,5 @@ def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
     service.add_asgi_middleware(ProtocolRoutes, models=protocols, service_name=service.name)
     for middleware, options in inner:
         service.add_asgi_middleware(middleware, **options)
+    if settings.batching_fast_lane:  # innermost: everything above applies to its answers
+        service.add_asgi_middleware(FastLane, service=service)

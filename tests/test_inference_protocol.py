@@ -157,15 +157,19 @@ def test_a_malformed_body_is_a_4xx(server: RunningServer, trained_model: str, bo
 
 def test_protocol_requests_go_through_the_batcher_and_metrics(server: RunningServer,
                                                               trained_model: str) -> None:
+    """One at a time, each request is a batch of its own: the batcher's, or the fast lane's
+    when it finds the model idle (serving/fast_lane.py), counted the same way."""
     name, _ = name_and_version(trained_model)
     before = httpx.get(f"{server.url}/metrics").text
     client = triton_client(server)
     for _ in range(3):
         client.infer(name, [triton_input(digit_seven(), True)])
     after = httpx.get(f"{server.url}/metrics").text
-    batches = "bentoml_service_adaptive_batch_size_count"
-    assert metric_total(after, batches, method_name="infer") - \
-        metric_total(before, batches, method_name="infer") >= 1
+
+    def counted(metric: str, **labels: str) -> float:
+        return metric_total(after, metric, **labels) - metric_total(before, metric, **labels)
+
+    assert counted("bentoml_service_adaptive_batch_size_count", method_name="infer") == 3
     answered = "image_classifier_predictions_total"
     assert metric_total(after, answered, label="7") - metric_total(before, answered, label="7") \
         >= 3

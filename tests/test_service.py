@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import digit_images
-from tests.helpers import metric_samples
+from tests.helpers import metric_samples, metric_total
 
 pytestmark = pytest.mark.e2e
 
@@ -107,3 +107,35 @@ def test_concurrent_requests_form_adaptive_batches(server, digits) -> None:
     at_most_one = sum(v for k, v in classify.items() if 'le="1.0"' in k)
     total = sum(v for k, v in classify.items() if 'le="+Inf"' in k)
     assert total > at_most_one, f"no batch larger than 1 formed: {classify}"
+
+
+def test_a_lone_request_takes_the_fast_lane_and_is_answered_as_in_a_batch(server, digits) -> None:
+    """One at a time, every request finds its model idle and the fast lane answers it
+    (serving/fast_lane.py), counted as a batch of one in BentoML's batch-size histogram; sent
+    together, the batcher answers most of them. Each request is counted once, with the same
+    answer either way."""
+    paths = [p for p, _ in digits[:32]]
+
+    def counts() -> tuple[float, float, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return (metric_total(text, "image_classifier_fast_lane_answers_total", route="/classify"),
+                metric_total(text, "bentoml_service_adaptive_batch_size_sum",
+                             method_name="classify"),
+                metric_total(text, "bentoml_service_adaptive_batch_size_count",
+                             method_name="classify"))
+
+    lane_0, requests_0, batches_0 = counts()
+    alone = [post_images(server.url, [p]).json()[0] for p in paths]
+    lane_1, requests_1, batches_1 = counts()
+    assert (lane_1 - lane_0, requests_1 - requests_0, batches_1 - batches_0) == (32, 32, 32), \
+        "each request alone: a lane answer, a batch of one"
+    with (httpx.Client(limits=httpx.Limits(max_connections=32)) as client,
+          ThreadPoolExecutor(32) as pool):
+        together = [r.json()[0] for r in pool.map(lambda p: post_images(server.url, [p], client),
+                                                  paths)]
+    lane_2, requests_2, batches_2 = counts()
+    assert requests_2 - requests_1 == 32, "each request in exactly one batch"
+    assert lane_2 - lane_1 <= batches_2 - batches_1
+    assert [a["label"] for a in alone] == [t["label"] for t in together]
+    assert [a["confidence"] for a in alone] == pytest.approx([t["confidence"] for t in together],
+                                                             abs=1e-6)

@@ -1,0 +1,183 @@
+"""The fast lane: a request that finds its model idle in this worker is answered without BentoML's
+per-request endpoint machinery.
+
+Why: at 1 connection that machinery costs more than a whole request does in a plain ASGI app.
+Measured on 2 cores with the digits model (`make bench`, the floor rows of docs/benchmarks.md): a
+route our own middleware answers, 0.37 ms at p50; a BentoML API that does nothing (/model_info),
+1.23 ms; /classify through the batcher, 2.3 ms; the FastAPI peer's whole /classify, 0.8 ms. The
+difference is BentoML's router, context and exception middlewares, its endpoint wrapper, the
+batcher's queue and controller task, and the thread hand-off of each batch, not work.
+
+When: the request is the only one its model's limits hold in this worker (serving/admission.py's
+budget: nothing else past the gate or waiting at it), so no batch could form around it anyway.
+Every other request goes on to BentoML's batcher as before, and one that arrives while the lane
+runs is batched there.
+
+What runs: the pieces BentoML's endpoint runs, in its order. The API's input model reads and
+validates the body with the service's own validators (parsing, decoding, limits, options, the
+cache), the service's own method answers it, the API's output model writes the answer.
+Admission, limits, error bodies, the request log and BentoML's request metrics sit outside this
+middleware and apply unchanged; BentoML's batch-size histogram counts the batcher's batches only,
+so the lane counts its answers in image_classifier_fast_lane_answers_total.
+
+Where the model runs: in the event loop when the method's calls have been short (under
+INLINE_MAX_S: a thread hand-off would cost more than the call), else in a thread; always under
+serving/predictor.RUNNING, so that service code still runs one call at a time in a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import bentoml
+from _bentoml_impl.serde import ALL_SERDE
+from bentoml._internal.server.http_app import log_exception
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .admission import alone_in_its_budget
+from .asgi import ASGIApp, Receive, Scope, Send, header
+from .metrics import fast_lane_answers
+from .predictor import RUNNING
+
+# A call this short runs in the event loop: a thread hand-off and back costs about as much.
+INLINE_MAX_S = 0.001
+# Weight of the newest call in the running estimate of a route's call time.
+SMOOTHING = 0.2
+UNEXPECTED = "An unexpected error has occurred, please check the server log."  # BentoML's words
+
+
+@dataclass
+class Lane:
+    """One API route the lane may answer: the BentoML API, and how long its calls take."""
+
+    name: str  # the API's name: the service method
+    api: Any  # BentoML's APIMethod
+    field: str  # its one input parameter
+    call_s: float = 4 * INLINE_MAX_S  # in a thread until calls have been measured short
+    method: Callable[[Any], Any] | None = None  # the service instance's, once it exists
+
+    def timed(self, call: Callable[[Any], Any], value: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return call(value)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.call_s += SMOOTHING * (elapsed - self.call_s)
+
+
+def lanes_of(apis: Mapping[str, Any]) -> dict[str, Lane]:
+    """The routes the lane may answer: batchable APIs of one parameter and no context (what
+    BentoML's batcher would run as a batch of this request's items), written as plain functions
+    (the lane calls them as BentoML's batcher thread does)."""
+    lanes = {}
+    for name, api in apis.items():
+        fields = list(api.input_spec.model_fields)
+        if api.batchable and api.ctx_param is None and len(fields) == 1 and \
+                not getattr(api.input_spec, "__root_input__", False) and \
+                not inspect.iscoroutinefunction(api.func):
+            lanes[api.route] = Lane(name, api, fields[0])
+    return lanes
+
+
+def bentoml_batch_sizes(app: Any) -> Any | None:
+    """BentoML's own batch-size histogram (bentoml_service_adaptive_batch_size), found through
+    the app below this middleware: its router's API routes are bound to BentoML's app factory,
+    which owns the histogram (1.4.39). None where metrics are off or it cannot be found. Why not
+    a histogram of our own under that name: two objects on one multiprocess series each keep
+    their own running total and overwrite each other's."""
+    while not hasattr(app, "routes") and hasattr(app, "app"):
+        app = app.app
+    for route in getattr(app, "routes", []):
+        factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__",
+                          None)
+        if factory is not None and hasattr(type(factory), "adaptive_batch_size_hist"):
+            return factory.adaptive_batch_size_hist if factory.enable_metrics else None
+    return None
+
+
+class FastLane:
+    """The ASGI middleware, innermost of the service's own: the routes of `lanes_of`."""
+
+    def __init__(self, app: ASGIApp, *, service: Any) -> None:
+        self.app = app
+        self.service = service
+        self.lanes = lanes_of(service.apis)
+        self._batch_sizes: Any = None  # BentoML's histogram, looked up on the first answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lane = self.lanes.get(scope["path"]) if scope["type"] == "http" else None
+        # A browser's request (it names its Origin) goes BentoML's way, through the CORS
+        # middleware BentoML places inside every user middleware.
+        if lane is None or scope["method"] != "POST" or header(scope, b"origin") or \
+                not alone_in_its_budget(scope):
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        try:
+            with self.service.context.in_request(request):  # as BentoML's ContextMiddleware
+                response = await self._respond(lane, request)
+            # BentoML's own header on every answer of its endpoints.
+            response.headers["Server"] = f"BentoML Service/{self.service.name}"
+            await response(scope, receive, send)
+        finally:
+            await request.close()  # the uploads' spooled files, as BentoML's endpoint does
+
+    async def _respond(self, lane: Lane, request: Request) -> Response:
+        """BentoML's endpoint for one request (_bentoml_impl/server/app.py api_endpoint and
+        api_endpoint_wrapper, 1.4.39): the same parsing, the same answers for each failure."""
+        media_type = request.headers.get("content-type", "application/json").split(";")[0]
+        serde = ALL_SERDE.get(media_type.strip(), ALL_SERDE["application/json"])()
+        try:
+            data = await lane.api.input_spec.from_http_request(request, serde)
+            output = await self._run(lane, getattr(data, lane.field))
+            response: Response = await lane.api.output_spec.to_http_response(output, serde)
+        except ValidationError as exc:
+            log_exception(request)  # dropped by admission's filter: counted, not logged
+            return JSONResponse({
+                "error": f"{exc.error_count()} validation error for {exc.title}",
+                "detail": exc.errors(include_context=False, include_input=False),
+            }, status_code=400)
+        except BentoMLException as exc:
+            log_exception(request)
+            status = exc.error_code.value
+            if status >= 500:
+                return JSONResponse({"error": UNEXPECTED}, status_code=status)
+            return JSONResponse([{"error": str(exc)}], status_code=status)
+        except Exception:  # a body cut at the size limit too: admission answers 413 instead
+            log_exception(request)
+            return JSONResponse({"error": UNEXPECTED}, status_code=500)
+        self._count_a_batch_of_one(lane)
+        return response
+
+    def _count_a_batch_of_one(self, lane: Lane) -> None:
+        """In BentoML's batch-size histogram with BentoML's labels, and in our lane counter."""
+        from bentoml._internal.context import server_context
+
+        if self._batch_sizes is None:
+            self._batch_sizes = bentoml_batch_sizes(self.app) or False
+        if self._batch_sizes:
+            self._batch_sizes.labels(
+                runner_name=self.service.name, worker_index=server_context.worker_index,
+                method_name=lane.name, service_version=server_context.bento_version,
+                service_name=server_context.bento_name).observe(1)
+        fast_lane_answers().labels(route=lane.api.route).inc()
+
+    async def _run(self, lane: Lane, value: Any) -> Any:
+        """The service's method on this request's items: the batch BentoML's batcher would have
+        formed of it alone."""
+        if lane.method is None:  # BentoML builds this wrapper anew on every attribute access
+            lane.method = getattr(bentoml.get_current_service(), lane.name).local
+        method = lane.method
+        if lane.call_s < INLINE_MAX_S and RUNNING.acquire(blocking=False):
+            try:
+                return lane.timed(method, value)
+            finally:
+                RUNNING.release()
+        return await asyncio.to_thread(lane.timed, method, value)
