@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime  # noqa: F401  (see below)
 from tqdm import tqdm
 
 from serving import settings
@@ -22,6 +23,9 @@ from serving.settings import DetectionSettings
 from .coco import Answered, check_out, image_ids, write_coco
 from .detector import DetectOptions
 from .files import Failures, Output, images_in, row
+
+# onnxruntime is imported above, not when a session is built (serving/runtime.py waits for one):
+# without the `offline` extra, importing this module fails and __main__ says what to install.
 
 BATCH = 64
 PROVIDERS = ("cuda", "cpu")
