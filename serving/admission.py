@@ -348,10 +348,9 @@ class Pace:
     read and decoded and has waited; a heavy model at hundreds of connections then spends its
     CPU on uploads it drops. Why requests over the limit wait at the gate (Budget) rather than
     being refused at once: clients that retry at once turn instant refusals into a loop that
-    takes the CPU from the answers (measured: resnet18 on 2 cores at 128 connections answered
-    13.7/s with instant refusals, 2,000 of them a second). Hand-written: a few lines of
-    arithmetic on the request path; the adaptive concurrency limiters this follows (Netflix's
-    concurrency-limits, Envoy's adaptive concurrency filter) are not Python libraries.
+    takes the CPU from the answers. Hand-written: a few lines of arithmetic on the request path;
+    the adaptive concurrency limiters this follows (Netflix's concurrency-limits, Envoy's adaptive
+    concurrency filter) are not Python libraries.
     """
 
     FLOOR = 2  # one request receiving while one runs

@@ -2,9 +2,9 @@
 per-request endpoint machinery.
 
 Why: at 1 connection that machinery costs more than a whole request does in a plain ASGI app.
-Measured on 2 cores with the digits model (`make bench`, the floor rows of docs/benchmarks.md): a
-route our own middleware answers, 0.37 ms at p50; a BentoML API that does nothing (/model_info),
-1.23 ms; /classify through the batcher, 2.3 ms; the FastAPI peer's whole /classify, 0.8 ms. The
+Measured on 2 cores with the digits model (`make bench`, docs/benchmarks.md): a route our own
+middleware answers, 0.48 ms at p50; a BentoML API that does nothing (/model_info), 1.40 ms; the
+FastAPI peer's whole /classify, 0.9 ms. The
 difference is BentoML's router, context and exception middlewares, its endpoint wrapper, the
 batcher's queue and controller task, and the thread hand-off of each batch, not work.
 
