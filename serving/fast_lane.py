@@ -1,28 +1,30 @@
-"""The fast lane: a request that finds its model idle in this worker is answered without BentoML's
-per-request endpoint machinery.
+"""The fast lane: batched routes answered without BentoML's per-request endpoint machinery.
 
-Why: at 1 connection that machinery costs more than a whole request does in a plain ASGI app.
-Measured on 2 cores with the digits model (`make bench`, docs/benchmarks.md): a route our own
-middleware answers, 0.48 ms at p50; a BentoML API that does nothing (/model_info), 1.40 ms; the
-FastAPI peer's whole /classify, 0.9 ms. The
-difference is BentoML's router, context and exception middlewares, its endpoint wrapper, the
-batcher's queue and controller task, and the thread hand-off of each batch, not work.
-
-When: the request is the only one its model's limits hold in this worker (serving/admission.py's
-budget: nothing else past the gate or waiting at it), so no batch could form around it anyway.
-Every other request goes on to BentoML's batcher as before, and one that arrives while the lane
-runs is batched there.
+Why: that machinery costs more than a whole request does in a plain ASGI app. Measured on 2
+cores with the digits model (`make bench`, docs/benchmarks.md): a route our own middleware
+answers, 0.48 ms at p50; a BentoML API that does nothing (/model_info), 1.40 ms; the FastAPI
+peer's whole /classify, 0.9 ms. The difference is BentoML's router, context and exception
+middlewares, its endpoint wrapper and, for a request alone, the batcher's queue and controller
+task and the thread hand-off of each batch, not work.
 
 What runs: the pieces BentoML's endpoint runs, in its order. The API's input model reads and
 validates the body with the service's own validators (parsing, decoding, limits, options, the
-cache), the service's own method answers it, the API's output model writes the answer.
-Admission, limits, error bodies, the request log and BentoML's request metrics sit outside this
-middleware and apply unchanged; BentoML's batch-size histogram counts the batcher's batches only,
-so the lane counts its answers in image_classifier_fast_lane_answers_total.
+cache); the service's own method answers it; the API's output model writes the answer, with
+BentoML's error bodies for each failure. Admission, limits, error bodies, the request log and
+BentoML's request metrics sit outside this middleware and apply unchanged.
 
-Where the model runs: in the event loop when the method's calls have been short (under
-INLINE_MAX_S: a thread hand-off would cost more than the call), else in a thread; always under
-serving/predictor.RUNNING, so that service code still runs one call at a time in a worker.
+How the method is called:
+- alone: the request is the only one its model's limits hold in this worker (serving/admission.py's
+  budget: nothing else past the gate or waiting at it), so no batch could form around it. The
+  method runs at once on its items, counted as a batch of one in BentoML's batch-size histogram.
+  In the event loop when its calls have been short (under INLINE_MAX_S: a thread hand-off would
+  cost more than the call), else in a thread; always under serving/predictor.RUNNING, so that
+  service code still runs one call at a time in a worker.
+- batched: any other request is handed to BentoML's own batcher for the API (the app's
+  `batch_infer`: the same queue, dispatcher, batch-size histogram and overload answer as a request
+  that came through BentoML's endpoint), which batches it with the others.
+Both are counted in image_classifier_fast_lane_answers_total{how}. A browser's request (it names
+its Origin) takes BentoML's whole path, for the CORS middleware BentoML places inside ours.
 """
 
 from __future__ import annotations
@@ -87,19 +89,17 @@ def lanes_of(apis: Mapping[str, Any]) -> dict[str, Lane]:
     return lanes
 
 
-def bentoml_batch_sizes(app: Any) -> Any | None:
-    """BentoML's own batch-size histogram (bentoml_service_adaptive_batch_size), found through
-    the app below this middleware: its router's API routes are bound to BentoML's app factory,
-    which owns the histogram (1.4.39). None where metrics are off or it cannot be found. Why not
-    a histogram of our own under that name: two objects on one multiprocess series each keep
-    their own running total and overwrite each other's."""
+def bentoml_service_app(app: Any) -> Any | None:
+    """BentoML's app factory for this worker (1.4.39's ServiceAppFactory), found through the
+    app below this middleware: its router's API routes are bound to it. It owns the batchers
+    (`batch_infer`) and the batch-size histogram. None where it cannot be found."""
     while not hasattr(app, "routes") and hasattr(app, "app"):
         app = app.app
     for route in getattr(app, "routes", []):
         factory = getattr(getattr(getattr(route, "endpoint", None), "func", None), "__self__",
                           None)
-        if factory is not None and hasattr(type(factory), "adaptive_batch_size_hist"):
-            return factory.adaptive_batch_size_hist if factory.enable_metrics else None
+        if factory is not None and hasattr(factory, "batch_infer"):
+            return factory
     return None
 
 
@@ -110,33 +110,41 @@ class FastLane:
         self.app = app
         self.service = service
         self.lanes = lanes_of(service.apis)
-        self._batch_sizes: Any = None  # BentoML's histogram, looked up on the first answer
+        self._service_app: Any = None  # BentoML's app factory (its batchers), looked up once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = self.lanes.get(scope["path"]) if scope["type"] == "http" else None
         # A browser's request (it names its Origin) goes BentoML's way, through the CORS
         # middleware BentoML places inside every user middleware.
-        if lane is None or scope["method"] != "POST" or header(scope, b"origin") or \
-                not alone_in_its_budget(scope):
+        if lane is None or scope["method"] != "POST" or header(scope, b"origin"):
+            return await self.app(scope, receive, send)
+        alone = alone_in_its_budget(scope)
+        if self._service_app is None:  # the app below is built after the middlewares
+            self._service_app = bentoml_service_app(self.app) or False
+        if not alone and not self._service_app:  # not found: BentoML's own path batches it
             return await self.app(scope, receive, send)
         request = Request(scope, receive)
         try:
             with self.service.context.in_request(request):  # as BentoML's ContextMiddleware
-                response = await self._respond(lane, request)
-            # BentoML's own header on every answer of its endpoints.
-            response.headers["Server"] = f"BentoML Service/{self.service.name}"
+                response = await self._respond(lane, request, alone)
+            # BentoML's own headers on every answer of its endpoints (Server, request id).
+            if self._service_app:
+                self._service_app._add_response_headers(response)
+            else:
+                response.headers["Server"] = f"BentoML Service/{self.service.name}"
             await response(scope, receive, send)
         finally:
             await request.close()  # the uploads' spooled files, as BentoML's endpoint does
 
-    async def _respond(self, lane: Lane, request: Request) -> Response:
+    async def _respond(self, lane: Lane, request: Request, alone: bool) -> Response:
         """BentoML's endpoint for one request (_bentoml_impl/server/app.py api_endpoint and
         api_endpoint_wrapper, 1.4.39): the same parsing, the same answers for each failure."""
         media_type = request.headers.get("content-type", "application/json").split(";")[0]
         serde = ALL_SERDE.get(media_type.strip(), ALL_SERDE["application/json"])()
         try:
             data = await lane.api.input_spec.from_http_request(request, serde)
-            output = await self._run(lane, getattr(data, lane.field))
+            value = getattr(data, lane.field)
+            output = await (self._run(lane, value) if alone else self._batched(lane, value))
             response: Response = await lane.api.output_spec.to_http_response(output, serde)
         except ValidationError as exc:
             log_exception(request)  # dropped by admission's filter: counted, not logged
@@ -153,21 +161,27 @@ class FastLane:
         except Exception:  # a body cut at the size limit too: admission answers 413 instead
             log_exception(request)
             return JSONResponse({"error": UNEXPECTED}, status_code=500)
-        self._count_a_batch_of_one(lane)
+        if alone:
+            self._count_a_batch_of_one(lane)
+        fast_lane_answers().labels(route=lane.api.route, how="alone" if alone else "batched").inc()
         return response
 
     def _count_a_batch_of_one(self, lane: Lane) -> None:
-        """In BentoML's batch-size histogram with BentoML's labels, and in our lane counter."""
+        """In BentoML's batch-size histogram, with BentoML's labels (its batcher counts the
+        batches it forms)."""
         from bentoml._internal.context import server_context
 
-        if self._batch_sizes is None:
-            self._batch_sizes = bentoml_batch_sizes(self.app) or False
-        if self._batch_sizes:
-            self._batch_sizes.labels(
+        batch_sizes = self._service_app.adaptive_batch_size_hist \
+            if self._service_app and self._service_app.enable_metrics else None
+        if batch_sizes is not None:
+            batch_sizes.labels(
                 runner_name=self.service.name, worker_index=server_context.worker_index,
                 method_name=lane.name, service_version=server_context.bento_version,
                 service_name=server_context.bento_name).observe(1)
-        fast_lane_answers().labels(route=lane.api.route).inc()
+
+    async def _batched(self, lane: Lane, value: Any) -> Any:
+        """The answer BentoML's batcher gives this request's items, batched with the others."""
+        return await self._service_app.batch_infer(lane.name, (), {lane.field: value})
 
     async def _run(self, lane: Lane, value: Any) -> Any:
         """The service's method on this request's items: the batch BentoML's batcher would have

@@ -72,9 +72,10 @@ def fast_lane_answers() -> Counter:
 
     return Counter(
         "fast_lane_answers",
-        "Requests answered by the fast lane (serving/fast_lane.py: the model was idle), by "
-        "route; bentoml_service_adaptive_batch_size counts the batcher's batches only.",
-        labelnames=["route"],
+        "Requests the fast lane answered (serving/fast_lane.py), by route and how: `alone` "
+        "(the model was idle: run at once, counted as a batch of one in "
+        "bentoml_service_adaptive_batch_size) or `batched` (handed to BentoML's batcher).",
+        labelnames=["route", "how"],
         namespace=NAMESPACE,
     )
 

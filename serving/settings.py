@@ -179,10 +179,11 @@ class BatchingSettings(_Section):
     )
     fast_lane: bool = Field(
         default=True,
-        description="A request that finds its model idle in its worker (nothing else in "
-        "flight) is answered without BentoML's batcher and endpoint machinery, with the same "
-        "validation, limits and answer (serving/fast_lane.py); the others are batched as "
-        "before. One setting per worker: in a multi-model deployment the first model's holds.",
+        description="Batched routes are answered without BentoML's router and endpoint "
+        "machinery, with the same validation, limits, batcher and answer (serving/fast_lane.py); "
+        "a request that finds its model idle in its worker (nothing else in flight) skips the "
+        "batcher too. false: BentoML's whole path, for a comparison. One setting per worker: in "
+        "a multi-model deployment the first model's holds.",
     )
 
 

@@ -109,33 +109,41 @@ def test_concurrent_requests_form_adaptive_batches(server, digits) -> None:
     assert total > at_most_one, f"no batch larger than 1 formed: {classify}"
 
 
-def test_a_lone_request_takes_the_fast_lane_and_is_answered_as_in_a_batch(server, digits) -> None:
-    """One at a time, every request finds its model idle and the fast lane answers it
+def test_the_fast_lane_answers_a_lone_request_at_once_and_hands_the_others_to_the_batcher(
+        server, digits) -> None:
+    """One at a time, every request finds its model idle and the fast lane answers it at once
     (serving/fast_lane.py), counted as a batch of one in BentoML's batch-size histogram; sent
-    together, the batcher answers most of them. Each request is counted once, with the same
-    answer either way."""
+    together, the lane hands most of them to BentoML's batcher, which batches them. Every
+    request goes through the lane, is in exactly one batch, and gets the same answer either way,
+    with BentoML's own headers."""
     paths = [p for p, _ in digits[:32]]
 
-    def counts() -> tuple[float, float, float]:
+    def counts() -> tuple[float, float, float, float]:
         text = httpx.get(f"{server.url}/metrics").text
-        return (metric_total(text, "image_classifier_fast_lane_answers_total", route="/classify"),
+        return (metric_total(text, "image_classifier_fast_lane_answers_total", route="/classify",
+                             how="alone"),
+                metric_total(text, "image_classifier_fast_lane_answers_total", route="/classify",
+                             how="batched"),
                 metric_total(text, "bentoml_service_adaptive_batch_size_sum",
                              method_name="classify"),
                 metric_total(text, "bentoml_service_adaptive_batch_size_count",
                              method_name="classify"))
 
-    lane_0, requests_0, batches_0 = counts()
-    alone = [post_images(server.url, [p]).json()[0] for p in paths]
-    lane_1, requests_1, batches_1 = counts()
-    assert (lane_1 - lane_0, requests_1 - requests_0, batches_1 - batches_0) == (32, 32, 32), \
-        "each request alone: a lane answer, a batch of one"
+    alone_0, batched_0, requests_0, batches_0 = counts()
+    answers = [post_images(server.url, [p]) for p in paths]
+    alone = [a.json()[0] for a in answers]
+    alone_1, batched_1, requests_1, batches_1 = counts()
+    assert (alone_1 - alone_0, batched_1 - batched_0) == (32, 0), "each request alone"
+    assert (requests_1 - requests_0, batches_1 - batches_0) == (32, 32), "each a batch of one"
+    assert answers[0].headers["server"] == "BentoML Service/ImageClassifier"
     with (httpx.Client(limits=httpx.Limits(max_connections=32)) as client,
           ThreadPoolExecutor(32) as pool):
         together = [r.json()[0] for r in pool.map(lambda p: post_images(server.url, [p], client),
                                                   paths)]
-    lane_2, requests_2, batches_2 = counts()
+    alone_2, batched_2, requests_2, batches_2 = counts()
+    assert (alone_2 - alone_1) + (batched_2 - batched_1) == 32, "every request through the lane"
+    assert batched_2 > batched_1, "none handed to the batcher"
     assert requests_2 - requests_1 == 32, "each request in exactly one batch"
-    assert lane_2 - lane_1 <= batches_2 - batches_1
     assert [a["label"] for a in alone] == [t["label"] for t in together]
     assert [a["confidence"] for a in alone] == pytest.approx([t["confidence"] for t in together],
                                                              abs=1e-6)
