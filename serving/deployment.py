@@ -164,7 +164,9 @@ class Deployment:
             return None
         if batching.runtime_batch_size != "auto":
             return batching.runtime_batch_size
-        return best_batch_size(runtime.run, runtime.input_spec.shape, batching.max_batch_size)
+        size = best_batch_size(runtime.run, runtime.input_spec.shape, batching.max_batch_size)
+        runtime.shrink_arena(size)  # what the larger calls tried grew, serving never uses
+        return size
 
     def load_runtime(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None
                      ) -> OnnxRuntime:

@@ -93,10 +93,33 @@ def test_a_dynamic_graph_still_runs_in_one_call(tmp_path: Path,
     calls: list[int] = []
     session_run = runtime.session.run
 
-    def counted(names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def counted(names: list[str], feed: dict[str, np.ndarray], options: object = None
+                ) -> list[np.ndarray]:
         calls.append(len(feed["pixels"]))
-        return session_run(names, feed)
+        return session_run(names, feed, options)
 
     monkeypatch.setattr(runtime.session, "run", counted)
     runtime.run(np.zeros((3, 4, 5, 3), dtype=np.uint8))
     assert calls == [3], "a graph with a dynamic batch axis runs a batch in one call"
+
+
+def test_shrinking_the_arena_gives_back_what_a_larger_call_grew(tmp_path: Path) -> None:
+    """What the start-up calibration's largest calls leave in ONNX Runtime's CPU arena is given
+    back by one call of the size serving uses (serving/deployment.py's piece_size)."""
+    import psutil
+
+    spec = InputSpec(height=256, width=256, channels=3, color_mode="RGB", mean=(0, 0, 0),
+                     std=(1, 1, 1))  # 64 rows: 50 MB of float activations
+    path = channel_stats_graph(tmp_path / ONNX_FILE, "batch", spec.shape)
+    runtime = OnnxRuntime(path, spec, GraphSpec(feature_dim=3), providers=["cpu"],
+                          intra_op_threads=1)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    runtime.run(np.zeros((64, *spec.shape), dtype=np.uint8))
+    grown = process.memory_info().rss - before
+    runtime.shrink_arena(1)
+    kept = process.memory_info().rss - before
+    assert grown > 40 * 2**20, f"the 64-row call grew the arena by {grown / 2**20:.0f} MB only"
+    assert kept < grown / 2, f"{kept / 2**20:.0f} of {grown / 2**20:.0f} MB still held"
+    means, _ = runtime.run(np.full((2, *spec.shape), 7, dtype=np.uint8))
+    np.testing.assert_allclose(means, 7.0)
