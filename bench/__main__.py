@@ -323,6 +323,7 @@ def tune_litserve(key: str, images: dict, duration: int, home: Path) -> tuple[di
 CORK = {"image_classifier": {"batching": {"dispatch": "cork"}}}
 WHOLE_BATCH = {"image_classifier": {"batching": {"runtime_batch_size": 64}}}
 NO_GATE = {"image_classifier": {"limits": {"target_wait_ms": 0}}}
+NO_LANE = {"image_classifier": {"batching": {"fast_lane": False}}}
 # (name, model, concurrency, change to configuration.yaml[, modules left out]): one at a time
 LEVERS = [
     ("shipped defaults", "mobilenet_v3_small", 64, {}),
@@ -357,6 +358,12 @@ LEVERS = [
     ("BentoML's cork dispatch", "digits", 1, CORK),
     ("shipped defaults", "digits", 128, {}),
     ("BentoML's cork dispatch", "digits", 128, CORK),
+    # serving/fast_lane.py against BentoML's whole per-request path.
+    ("no fast lane (batching.fast_lane false)", "digits", 1, NO_LANE),
+    ("shipped defaults", "digits", 64, {}),
+    ("no fast lane (batching.fast_lane false)", "digits", 64, NO_LANE),
+    ("no fast lane (batching.fast_lane false)", "digits", 128, NO_LANE),
+    ("no fast lane (batching.fast_lane false)", "mobilenet_v3_small", 64, NO_LANE),
     ("shipped defaults", "mobilenet_v3_small", 128, {}),
     ("one runtime call per batch", "mobilenet_v3_small", 128, WHOLE_BATCH),
     ("one runtime call per batch", "resnet18", 128, WHOLE_BATCH),
@@ -365,16 +372,20 @@ LEVERS = [
     ("no gate (limits.target_wait_ms 0)", "resnet18", 256, NO_GATE),
 ]
 
+# Where a worker's CPU goes (py-spy), under the shipped configuration's lever rows.
+PROFILED = {("mobilenet_v3_small", 64), ("mobilenet_v3_small", 128), ("digits", 64),
+            ("digits", 128)}
+
 
 def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dict]:
-    """Each lever alone against the shipped configuration; and a py-spy profile of one worker
-    under the shipped configuration on the light model."""
+    """Each lever alone against the shipped configuration; and py-spy profiles of one worker
+    under the shipped configuration at 64 and 128 connections (PROFILED), by "model, c=N"."""
     import bentoml
 
     from bench import load, profile, servers
     from bench.assets import upload_of
 
-    measured, shares = [], {}
+    measured, profiles = [], {}
     for name, key, concurrency, overrides, *without in LEVERS:
         if key not in models:
             continue
@@ -385,18 +396,18 @@ def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dic
         with servers.serve("bentoml", tag, model_dir, WORK, overrides, without) as running:
             load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type)
             spy = None
-            if not overrides and not without and key == "mobilenet_v3_small":
+            if not overrides and not without and (key, concurrency) in PROFILED:
                 spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
             result = load.run_wrk(running.url, running.pid, upload, concurrency, duration,
                                   content_type=content_type)
             if spy is not None:
                 spy.wait()
-                shares = profile.summarize(WORK / "profile.txt")
+                profiles[f"{key}, c={concurrency}"] = profile.summarize(WORK / "profile.txt")
         print(f"[lever] {key} c={concurrency} {name}: {result.throughput:.1f} req/s "
               f"p99 {result.p99_ms:.0f} ms", flush=True)
         measured.append({"name": name, "model": key, "overrides": overrides,
                          "without_modules": list(without), **asdict(result)})
-    return measured, shares
+    return measured, profiles
 
 
 if __name__ == "__main__":

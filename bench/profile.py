@@ -14,9 +14,13 @@ STAGES = {  # first match wins, checked from the innermost frame outwards
     "decode + resize (Pillow)": ("decode_image", "_decode_upload"),
     "multipart parsing": ("parse_request", "_get_form", "MultiPartParser"),
     "response (JSON)": ("to_http_response", "to_predictions", "serialize_model"),
-    "batching (dispatcher)": ("CorkDispatcher", "batches_to_batch", "batch_to_batches"),
+    "batching (dispatcher)": ("CorkDispatcher", "EagerDispatcher", "batches_to_batch",
+                              "batch_to_batches"),
     "tracing, metrics middleware": ("OpenTelemetry", "Tracer.", "MetricsMiddleware",
                                     "Instrument"),
+    "request log (JSON line)": ("RequestLog.", "log_line", "Logger.", "StreamHandler"),
+    "our middlewares (admission, lane, protocol paths)": (
+        "Admission.", "Exchange.", "FastLane.", "ProtocolPaths.", "ProtocolRoutes."),
 }
 
 

@@ -330,11 +330,19 @@ def analysis(results: dict) -> str:
             f"was measured twice (main table, levers table): {first:.0f} and "
             f"{repeat['throughput']:.0f} answers/s, {abs(first - repeat['throughput']) / first:.0%}"
             f" apart. This is a shared 2-core VM; read differences smaller than that as noise.")
-    if results.get("profile"):
-        top = ", ".join(f"{k} {v:.0%}" for k, v in results["profile"].items())
-        paragraphs.append(f"Profile of one worker on the light model at c=64 (py-spy, busy "
-                          f"samples): {top}.")
+    for run, shares in profiles_of(results).items():
+        top = ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+        paragraphs.append(f"Profile of one worker, {run} (py-spy, busy samples): {top}.")
     return "\n\n".join(paragraphs)
+
+
+def profiles_of(results: dict) -> dict[str, dict[str, float]]:
+    """The py-spy shares by run ("model, c=N"); results.json from before several runs were
+    profiled held one, of the light model at c=64."""
+    profiles = results.get("profile") or {}
+    if profiles and not isinstance(next(iter(profiles.values())), dict):
+        return {"mobilenet_v3_small, c=64": profiles}
+    return profiles
 
 
 def plot(results: dict, out: Path, suffix: str) -> list[str]:
@@ -524,10 +532,13 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
                          f"{r['throughput']:.1f} | {r['p99_ms']:.0f} | {r['status_503']} | "
                          f"{r['server_cpu_cores']:.2f} |")
         lines.append("")
-    if "profile" in results:
-        lines += ["## Where a worker's CPU goes (mobilenet_v3_small, c=64, py-spy)", "",
-                  "| stage | share of busy samples |", "|---|---|"]
-        lines += [f"| {stage} | {share:.0%} |" for stage, share in results["profile"].items()]
+    if profiles := profiles_of(results):
+        runs = list(profiles)
+        stages = list(dict.fromkeys(stage for shares in profiles.values() for stage in shares))
+        lines += ["## Where a worker's CPU goes (py-spy, share of busy samples)", "",
+                  "| stage | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+        lines += [f"| {stage} | " + " | ".join(f"{profiles[run].get(stage, 0):.0%}"
+                                               for run in runs) + " |" for stage in stages]
         lines.append("")
     if not suffix and (curves := out / "bench" / "curves.json").exists():  # bench/curves.py
         lines += write_curves_plots(json.loads(curves.read_text()), out)

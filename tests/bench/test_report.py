@@ -48,3 +48,12 @@ def test_goodput_idle_and_peak_memory() -> None:
     assert not rows["heavy: goodput at c=256 ≥ 90% of the peak"]
     assert rows["heavy: idle RSS (all processes) ≤ LitServe's"]
     assert not rows["heavy: peak RSS at c=128 ≤ 600 MB"]
+
+
+def test_profiles_are_tabled_by_run_and_older_results_still_read() -> None:
+    runs = {"digits, c=64": {"ONNX Runtime (inference)": 0.2, "multipart parsing": 0.1},
+            "digits, c=128": {"ONNX Runtime (inference)": 0.3}}
+    assert report.profiles_of({"profile": runs}) == runs
+    older = {"ONNX Runtime (inference)": 0.4}
+    assert report.profiles_of({"profile": older}) == {"mobilenet_v3_small, c=64": older}
+    assert report.profiles_of({}) == {}
