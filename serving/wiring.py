@@ -9,7 +9,7 @@ from typing import Any
 
 import bentoml
 
-from . import batcher
+from . import batcher, tracing
 from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
 from .asgi import PathAliases
 from .fast_lane import FastLane
@@ -69,6 +69,7 @@ def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
                         aliases: dict[str, str] | None = None,
                         inner: Sequence[tuple[type, dict[str, Any]]] = ()) -> None:
     batcher.install(settings.batching_dispatch)
+    tracing.install()
     install_parsers()
     install_parser()
     quiet_client_error_tracebacks()
@@ -99,3 +100,4 @@ def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
         service.add_asgi_middleware(middleware, **options)
     if settings.batching_fast_lane:  # innermost: everything above applies to its answers
         service.add_asgi_middleware(FastLane, service=service)
+

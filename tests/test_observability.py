@@ -144,6 +144,30 @@ def drift_now(server) -> dict:
     return state
 
 
+def test_opentelemetry_runs_only_where_an_exporter_is_configured(observed, holdout,
+                                                                trained_model, tmp_path):
+    """serving/tracing.py: with no exporter (the shipped configuration) BentoML's OpenTelemetry
+    middleware is left out, and with it the span id BentoML sends as X-BentoML-Request-ID; with
+    one configured, the middleware is back and every route still answers."""
+    image = png(holdout.holdout_x[0])
+    files = [("images", ("a.png", image))]
+    untraced = [httpx.post(f"{observed.url}{route}", files=files, timeout=30)
+                for route in ("/classify", "/classify")] + \
+        [httpx.post(f"{observed.url}/model_info", json={}, timeout=30)]
+    assert [r.status_code for r in untraced] == [200, 200, 200]
+    assert not any("x-bentoml-request-id" in r.headers for r in untraced)
+    config = write_config(tmp_path / "traced.yaml", {"model": {"tag": trained_model}},
+                          workers=1, tracing={"exporter_type": "in_memory"})
+    with start_server(["service:ImageClassifier"], cwd=ROOT, log_dir=tmp_path,
+                      env={**os.environ, "BENTOML_CONFIG": str(config)}) as traced:
+        answers = [httpx.post(f"{traced.url}/classify", files=files, timeout=30),
+                   httpx.post(f"{traced.url}/model_info", json={}, timeout=30)]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert all(len(r.headers.get("x-bentoml-request-id", "")) == 16 for r in answers), \
+        [dict(r.headers) for r in answers]
+    assert answers[0].json()[0]["label"] == untraced[0].json()[0]["label"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_drift_flags_blurred_digits_and_not_clean_ones(observed, holdout, seed) -> None:
     """Held-out digits the model never trained on, then the same digits blurred (sigma 2): each
