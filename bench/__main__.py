@@ -324,6 +324,9 @@ CORK = {"image_classifier": {"batching": {"dispatch": "cork"}}}
 WHOLE_BATCH = {"image_classifier": {"batching": {"runtime_batch_size": 64}}}
 NO_GATE = {"image_classifier": {"limits": {"target_wait_ms": 0}}}
 NO_LANE = {"image_classifier": {"batching": {"fast_lane": False}}}
+# BentoML's OpenTelemetry middleware back (serving/tracing.py leaves it out with no exporter); at
+# sample rate 0 nothing is recorded, as BentoML runs it by default.
+TRACED = {"tracing": {"exporter_type": "in_memory"}}
 # (name, model, concurrency, change to configuration.yaml[, modules left out]): one at a time
 LEVERS = [
     ("shipped defaults", "mobilenet_v3_small", 64, {}),
@@ -364,6 +367,9 @@ LEVERS = [
     ("no fast lane (batching.fast_lane false)", "digits", 64, NO_LANE),
     ("no fast lane (batching.fast_lane false)", "digits", 128, NO_LANE),
     ("no fast lane (batching.fast_lane false)", "mobilenet_v3_small", 64, NO_LANE),
+    ("BentoML's tracing middleware (exporter in_memory)", "digits", 64, TRACED),
+    ("BentoML's tracing middleware (exporter in_memory)", "digits", 128, TRACED),
+    ("BentoML's tracing middleware (exporter in_memory)", "mobilenet_v3_small", 64, TRACED),
     ("shipped defaults", "mobilenet_v3_small", 128, {}),
     ("one runtime call per batch", "mobilenet_v3_small", 128, WHOLE_BATCH),
     ("one runtime call per batch", "resnet18", 128, WHOLE_BATCH),
