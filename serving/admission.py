@@ -452,6 +452,10 @@ def status_code_name(status: int) -> str:
     return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
 
 
+# nginx's status for a request whose client went away first; no HTTPStatus member has it.
+CLIENT_CLOSED_REQUEST = 499
+
+
 class Exchange:
     """One admitted request: counts the body as it streams in, and reshapes error answers."""
 
@@ -462,6 +466,7 @@ class Exchange:
         self.limits_key = limits_key
         self.received = 0
         self.too_large = False
+        self.client_gone = False  # the client closed the connection before its answer
         self.response_started = False
         self._held: Message | None = None  # an error's start message, until its body is in
         self._held_body = b""
@@ -472,7 +477,9 @@ class Exchange:
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.request":
+        if message["type"] == "http.disconnect":
+            self.client_gone = True
+        elif message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.max_bytes:
                 # Stop reading here: BentoML sees a disconnect, and its answer is replaced by ours.
@@ -492,6 +499,12 @@ class Exchange:
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
+            if self.client_gone and not self.too_large and \
+                    message["status"] == HTTPStatus.INTERNAL_SERVER_ERROR:
+                # BentoML's endpoint (and the fast lane) answer 500 where the body's end should
+                # have been a disconnect. Nobody reads this answer; logged and counted as what it
+                # is (nginx's 499), it does not look like a server fault to an operator's alert.
+                message = {**message, "status": CLIENT_CLOSED_REQUEST}
             self.answered_at, self.status = time.monotonic(), message["status"]
             if self.too_large or message["status"] >= 400:
                 self._held = message
@@ -511,6 +524,9 @@ class Exchange:
         if self.too_large:
             return ("request_too_large", body_too_large(f"over {self.max_bytes} bytes",
                                                         self.max_bytes, self.limits_key), [])
+        if status == CLIENT_CLOSED_REQUEST:
+            return ("client_closed_request",
+                    "the client closed the connection before the whole request was read", [])
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             return ("overloaded",
                     "the batcher cannot answer within batching.max_latency_ms at the current "
@@ -549,12 +565,16 @@ def body_too_large(size: str, limit: int, limits_key: str = "limits") -> str:
 
 class ClientErrorTracebacks(logging.Filter):
     """Drops the traceback BentoML logs at ERROR for every request it answers with a 4xx (an
-    invalid input, or the body we stopped reading at the size limit): under hostile traffic they
-    would bury real errors. Those requests are counted in image_classifier_rejected_requests."""
+    invalid input, the body we stopped reading at the size limit, a client that hung up) or with
+    its batcher's 503 (`overloaded`): under hostile traffic or overload they would bury real
+    errors, and formatting one per refusal costs the CPU an overloaded worker lacks. Those
+    requests are counted in image_classifier_rejected_requests."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from bentoml.exceptions import ServiceUnavailable
+
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (ValidationError, ClientDisconnect))
+        return not isinstance(error, (ValidationError, ClientDisconnect, ServiceUnavailable))
 
 
 def quiet_client_error_tracebacks() -> None:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -142,6 +143,31 @@ def drift_now(server) -> dict:
     assert response.status_code == 200, response.text
     (state,) = response.json()["models"]
     return state
+
+
+@pytest.mark.parametrize("route", ["/classify", "/classify_tensor"])
+def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_as_a_server_error(observed, route):
+    """The body announced, a part sent, the connection closed: nobody gets an answer, and the
+    request log and the refusal counter say the client left (499), not that the server failed."""
+    before = scrape(observed)
+    request_id = f"req-gone-{route.strip('/')}"
+    media_type = "multipart/form-data; boundary=b" if route == "/classify" else "application/json"
+    start = ("--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n"
+             "Content-Type: image/png\r\n\r\n\x89PNG" if route == "/classify"
+             else '{"pixels": [[[0, 0')
+    host, port = observed.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall((f"POST {route} HTTP/1.1\r\nHost: {host}\r\n"
+                            f"X-Request-ID: {request_id}\r\nContent-Type: {media_type}\r\n"
+                            f"Content-Length: 100000\r\n\r\n{start}").encode("latin-1"))
+        time.sleep(0.2)  # read by the server, then the client is gone
+    line = log_lines(observed, {request_id}).get(request_id)
+    assert line is not None, "no request log line for a client that hung up"
+    assert (line["status"], line["outcome"]) == (499, "client_closed_request"), line
+    after = scrape(observed)
+    assert delta(before, after, "image_classifier_rejected_requests_total",
+                 reason="client_closed_request") == 1
+    assert delta(before, after, "bentoml_service_request_total", http_response_code="500") == 0
 
 
 def test_opentelemetry_runs_only_where_an_exporter_is_configured(observed, holdout,

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import prometheus_client
 import pytest
+from bentoml.exceptions import ServiceUnavailable
+from starlette.requests import ClientDisconnect
 
-from serving.admission import Admission, Pace, Route
+from serving.admission import Admission, ClientErrorTracebacks, Pace, Route
 from serving.asgi import Receive, Scope, Send
 from serving.settings import LimitsSettings
 from tests.helpers import AsgiAnswer, call_asgi, http_scope, run_asgi
@@ -410,6 +414,26 @@ def test_a_server_error_stays_a_500() -> None:
     assert answer.json() == {"error": "internal_server_error", "detail": "Internal Server Error"}
 
 
+def test_a_client_gone_before_its_body_ended_is_logged_as_499_not_as_a_server_error() -> None:
+    """BentoML's endpoint reads a disconnect where the body should go on and answers 500; no
+    one reads that answer, and a 500 would page an operator for a client that hung up."""
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "http.disconnect"
+        await respond(send, 500, b'{"error": "An unexpected error has occurred"}')
+
+    before = rejected("client_closed_request", 499)
+    answer = run_asgi(admission(endpoint), http_scope(headers=upload_headers()), chunks=())
+    assert answer.status == 499, answer
+    assert answer.json()["error"] == "client_closed_request"
+    assert rejected("client_closed_request", 499) == before + 1
+
+
+def test_a_server_error_with_the_body_read_stays_a_500() -> None:
+    inner = FakeApp(status=500, body=b"Internal Server Error", read_body=True)
+    answer = run_asgi(admission(inner), http_scope(headers=upload_headers()), chunks=(b"x",))
+    assert answer.status == 500
+
+
 def test_a_success_is_passed_on_untouched() -> None:
     inner = FakeApp(body=b'[{"label": "3"}]')
     answer = run_asgi(admission(inner), http_scope(headers=upload_headers()))
@@ -420,3 +444,15 @@ def test_every_refusal_is_counted_with_its_reason_and_status() -> None:
     before = rejected("unauthorized", 401)
     run_asgi(admission(FakeApp()), http_scope(headers=upload_headers(key=None)))
     assert rejected("unauthorized", 401) == before + 1
+
+
+@pytest.mark.parametrize(("error", "kept"), [
+    (ValueError("a bug"), True), (ClientDisconnect(), False),
+    (ServiceUnavailable("process is overloaded"), False)])
+def test_refusals_tracebacks_are_dropped_and_bugs_kept(error: Exception, kept: bool) -> None:
+    try:
+        raise error
+    except Exception:
+        record = logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__,
+                                   1, "Exception on /classify [POST]", None, sys.exc_info())
+    assert ClientErrorTracebacks().filter(record) is kept
