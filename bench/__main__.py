@@ -378,20 +378,21 @@ LEVERS = [
     ("no gate (limits.target_wait_ms 0)", "resnet18", 256, NO_GATE),
 ]
 
-# Where a worker's CPU goes (py-spy), under the shipped configuration's lever rows.
-PROFILED = {("mobilenet_v3_small", 64), ("mobilenet_v3_small", 128), ("digits", 64),
-            ("digits", 128)}
+# Where a worker's CPU goes (py-spy), under the shipped configuration: runs of their own, since
+# sampling costs the worker CPU (a profiled run is no row to compare a lever with).
+PROFILED = [("mobilenet_v3_small", 64), ("mobilenet_v3_small", 128), ("digits", 64),
+            ("digits", 128)]
 
 
 def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dict]:
     """Each lever alone against the shipped configuration; and py-spy profiles of one worker
-    under the shipped configuration at 64 and 128 connections (PROFILED), by "model, c=N"."""
+    under the shipped configuration (measure_profiles)."""
     import bentoml
 
-    from bench import load, profile, servers
+    from bench import load, servers
     from bench.assets import upload_of
 
-    measured, profiles = [], {}
+    measured = []
     for name, key, concurrency, overrides, *without in LEVERS:
         if key not in models:
             continue
@@ -401,19 +402,39 @@ def measure_levers(models: dict, images: dict, duration: int) -> tuple[list, dic
         upload, content_type = upload_of(key, images)
         with servers.serve("bentoml", tag, model_dir, WORK, overrides, without) as running:
             load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type)
-            spy = None
-            if not overrides and not without and (key, concurrency) in PROFILED:
-                spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
             result = load.run_wrk(running.url, running.pid, upload, concurrency, duration,
                                   content_type=content_type)
-            if spy is not None:
-                spy.wait()
-                profiles[f"{key}, c={concurrency}"] = profile.summarize(WORK / "profile.txt")
         print(f"[lever] {key} c={concurrency} {name}: {result.throughput:.1f} req/s "
               f"p99 {result.p99_ms:.0f} ms", flush=True)
         measured.append({"name": name, "model": key, "overrides": overrides,
                          "without_modules": list(without), **asdict(result)})
-    return measured, profiles
+    return measured, measure_profiles(models, images, duration)
+
+
+def measure_profiles(models: dict, images: dict, duration: int) -> dict:
+    """Shares of one worker's busy py-spy samples by stage, by "model, c=N" (PROFILED)."""
+    import bentoml
+
+    from bench import load, profile, servers
+    from bench.assets import upload_of
+
+    profiles = {}
+    for key, concurrency in PROFILED:
+        if key not in models:
+            continue
+        tag = models[key]["tag"]
+        upload, content_type = upload_of(key, images)
+        with servers.serve("bentoml", tag, Path(bentoml.models.get(tag).path), WORK) as running:
+            load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type)
+            spy = profile.start(running.pid, max(duration - 2, 3), WORK / "profile.txt")
+            load.run_wrk(running.url, running.pid, upload, concurrency, duration,
+                         content_type=content_type)
+            spy.wait()
+        profiles[f"{key}, c={concurrency}"] = profile.summarize(WORK / "profile.txt")
+        print(f"[profile] {key} c={concurrency}: " + ", ".join(
+            f"{stage} {share:.0%}" for stage, share in profiles[f"{key}, c={concurrency}"].items()),
+            flush=True)
+    return profiles
 
 
 if __name__ == "__main__":

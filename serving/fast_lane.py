@@ -168,7 +168,8 @@ class FastLane:
 
     def _count_a_batch_of_one(self, lane: Lane) -> None:
         """In BentoML's batch-size histogram, with BentoML's labels (its batcher counts the
-        batches it forms)."""
+        batches it forms). BentoML's own object: a histogram of ours under that name would be a
+        second object on one multiprocess series, and each would overwrite the other's total."""
         from bentoml._internal.context import server_context
 
         batch_sizes = self._service_app.adaptive_batch_size_hist \
