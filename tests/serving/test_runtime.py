@@ -123,3 +123,23 @@ def test_shrinking_the_arena_gives_back_what_a_larger_call_grew(tmp_path: Path) 
     assert kept < grown / 2, f"{kept / 2**20:.0f} of {grown / 2**20:.0f} MB still held"
     means, _ = runtime.run(np.full((2, *spec.shape), 7, dtype=np.uint8))
     np.testing.assert_allclose(means, 7.0)
+
+
+def test_a_runtime_that_cannot_shrink_its_arena_still_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Giving memory back is a saving: a provider that refuses the run option (not every
+    allocator has an arena) leaves the worker serving, with a warning."""
+    runtime = stats_runtime(tmp_path, graph_batch="batch", card_batch=None)
+    session_run = runtime.session.run
+
+    def refuses_options(names: list[str], feed: dict[str, np.ndarray], options: object = None
+                        ) -> list[np.ndarray]:
+        if options is not None:
+            raise RuntimeError("no arena on this device")
+        return session_run(names, feed)
+
+    monkeypatch.setattr(runtime.session, "run", refuses_options)
+    runtime.shrink_arena(2)
+    assert "kept its memory arena" in caplog.text
+    means, _ = runtime.run(np.full((1, 4, 5, 3), 3, dtype=np.uint8))
+    np.testing.assert_allclose(means, 3.0)
