@@ -2,10 +2,12 @@
 
 Why: that machinery costs more than a whole request does in a plain ASGI app. Measured on 2
 cores with the digits model (`make bench`, docs/benchmarks.md): a route our own middleware
-answers, 0.48 ms at p50; a BentoML API that does nothing (/model_info), 1.40 ms; the FastAPI
+answers, 0.17 ms at p50; a BentoML API that does nothing (/model_info), 1.17 ms; the FastAPI
 peer's whole /classify, 0.9 ms. The difference is BentoML's router, context and exception
 middlewares, its endpoint wrapper and, for a request alone, the batcher's queue and controller
-task and the thread hand-off of each batch, not work.
+task and the thread hand-off of each batch, not work. The levers table there has the lane's
+worth: digits at 1, 64 and 128 connections, 654 / 1,531 / 1,669 answers/s with it, 442 / 1,347 /
+1,434 without.
 
 What runs: the pieces BentoML's endpoint runs, in its order. The API's input model reads and
 validates the body with the service's own validators (parsing, decoding, limits, options, the

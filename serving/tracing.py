@@ -3,10 +3,9 @@
 BentoML 1.4.39 wraps every request of a service in OpenTelemetry's ASGI middleware whatever its
 `tracing` configuration: with no exporter (the default) each request still builds a server span
 and a span per message sent and received, and drops them. On this project's request path that
-was the largest cost not doing work: digits, shipped configuration, 2 workers on 2 cores, wrk
-8 s, two alternating rounds (the levers table of docs/benchmarks.md measures it again): 940 / 995
-answers/s at 64 connections with it, 1,475 / 1,230 without; at 128, 1,027 / 883 against
-1,432 / 1,386.
+was the largest cost not doing work: digits on 2 cores with the shipped configuration, 1,531 vs
+984 answers/s at 64 connections without and with it, 1,669 vs 1,041 at 128 (`make bench`'s
+levers table, docs/benchmarks.md).
 
 So the middleware is left out of the app where no exporter is configured
 (`tracing.exporter_type`, in the service's block of configuration.yaml or BentoML's own
