@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard
-from serving.runtime import OnnxRuntime, choose_providers
+from serving.runtime import OnnxRuntime, choose_providers, cpu_session_of_optimized_graph
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -162,3 +164,124 @@ def test_a_runtime_that_cannot_shrink_its_arena_still_serves(
     assert "kept its memory arena" in caplog.text
     means, _ = runtime.run(np.full((1, 4, 5, 3), 3, dtype=np.uint8))
     np.testing.assert_allclose(means, 3.0)
+
+
+def conv_graph(path: Path, layers: int = 16, width: int = 256, side: int = 8) -> Path:
+    """uint8 NHWC pixels -> `layers` 3x3 convolutions of `width` channels (35 MB of weights at
+    the defaults, on 8x8 images so that a call is cheap) -> (probabilities, features): the kind
+    of graph ONNX Runtime's layout optimizations rewrite (NCHWc, on x86)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights, nodes = [], [helper.make_node("Cast", ["pixels"], ["x"], to=TensorProto.FLOAT),
+                          helper.make_node("Transpose", ["x"], ["h0"], perm=[0, 3, 1, 2])]
+    channels = 3
+    for i in range(layers):
+        weight = (rng.standard_normal((width, channels, 3, 3)) * 0.01).astype(np.float32)
+        weights.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes += [helper.make_node("Conv", [f"h{i}", f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"h{i + 1}"])]
+        channels = width
+    nodes += [helper.make_node("GlobalAveragePool", [f"h{layers}"], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["features"]),
+              helper.make_node("Softmax", ["features"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "convolutions",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", side, side, 3])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width])
+         for name in ("probabilities", "features")], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+CONV_SPEC = InputSpec(height=8, width=8, channels=3, color_mode="RGB", mean=(0, 0, 0),
+                      std=(1, 1, 1))
+
+
+def session_memory(path: str, optimized: bool) -> None:
+    """Prints the RSS growth (bytes) a CPU session of `path` and one call cost, from the stored
+    graph or from the optimized one (in a fresh interpreter: see grow_and_shrink_the_arena)."""
+    import onnxruntime as ort
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    if optimized:
+        session = cpu_session_of_optimized_graph(Path(path), 1)
+    else:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session.run(None, {"pixels": np.zeros((1, *CONV_SPEC.shape), np.uint8)})
+    print(json.dumps({"grown": process.memory_info().rss - before}))
+
+
+def measured_in_a_fresh_interpreter(call: str) -> dict:
+    code = f"from tests.serving.test_runtime import *; {call}"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_cpu_session_holds_the_optimized_graph_s_weights_only(tmp_path: Path) -> None:
+    """Loaded from the graph ONNX Runtime's optimizations made, a session does not keep the
+    stored weights beside their NCHWc copies (resnet18: 145 MB as stored, 52 MB so)."""
+    path = str(conv_graph(tmp_path / ONNX_FILE))
+    stored = measured_in_a_fresh_interpreter(f"session_memory({path!r}, optimized=False)")
+    optimized = measured_in_a_fresh_interpreter(f"session_memory({path!r}, optimized=True)")
+    saved = 1 - optimized["grown"] / stored["grown"]
+    if platform.machine() in ("x86_64", "AMD64"):  # where the NCHWc layout applies
+        assert saved > 0.25, f"{stored['grown'] / 2**20:.0f} MB as stored, " \
+                             f"{optimized['grown'] / 2**20:.0f} MB optimized"
+    assert optimized["grown"] <= stored["grown"] * 1.1
+
+
+def test_the_optimized_graph_answers_as_the_stored_one(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    path = conv_graph(tmp_path / ONNX_FILE)
+    runtime = OnnxRuntime(path, CONV_SPEC, GraphSpec(feature_dim=256), providers=["cpu"],
+                          intra_op_threads=1)
+    stored = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(1).integers(0, 256, (5, *CONV_SPEC.shape), dtype=np.uint8)
+    for ours, theirs in zip(runtime.run(pixels),
+                            stored.run(["probabilities", "features"], {"pixels": pixels})):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_the_optimized_graph_is_not_left_on_disk(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """It fits this machine's CPU only: written at start, read, deleted."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    OnnxRuntime(conv_graph(tmp_path / ONNX_FILE), CONV_SPEC, GraphSpec(feature_dim=256),
+                providers=["cpu"])
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_graph_onnx_runtime_cannot_write_optimized_is_served_as_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    stored_session = ort.InferenceSession
+
+    def cannot_write(path: str, options: ort.SessionOptions | None = None,
+                     **kwargs: object) -> ort.InferenceSession:
+        if options is not None and options.optimized_model_filepath:
+            raise RuntimeError("no room to write the optimized graph")
+        return stored_session(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", cannot_write)
+    path = conv_graph(tmp_path / ONNX_FILE, layers=2, width=8)
+    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+        runtime = OnnxRuntime(path, CONV_SPEC, GraphSpec(feature_dim=8), providers=["cpu"])
+    assert "no room to write" in caplog.text and "as stored" in caplog.text
+    probabilities, _ = runtime.run(np.zeros((2, *CONV_SPEC.shape), np.uint8))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
