@@ -218,6 +218,35 @@ def test_the_pace_keeps_at_least_two_requests_going() -> None:
     assert pace.limit == Pace.FLOOR and pace.admits(1) and not pace.admits(2)
 
 
+def test_the_batchers_refusal_backs_the_pace_off_once_per_target() -> None:
+    pace = Pace(target_s=0.5, ceiling=512)
+    pace.limit = 40
+    pace.back_off(held=30, now=100.0)
+    assert pace.limit == 30 * Pace.BACK_OFF, "below what was held when the batcher refused"
+    pace.back_off(held=24, now=100.3)
+    assert pace.limit == 30 * Pace.BACK_OFF, "the refusals of one overload cut it once"
+    pace.back_off(held=24, now=100.6)
+    assert pace.limit == 24 * Pace.BACK_OFF, "a target later, below what was held then"
+    for now in range(200, 230):
+        pace.back_off(held=2, now=float(now))
+    assert pace.limit == Pace.FLOOR
+
+
+def test_a_batchers_503_lowers_the_gate_and_teaches_no_pace() -> None:
+    """The batcher refuses the oldest queued request, often young: as a wait it would read as
+    a fast answer and raise the limit, letting in more of what it refuses."""
+    app = gated(FakeApp(status=503, body=b'{"error": "process is overloaded"}',
+                        read_body=True), limit=40)
+    assert app.default.pace is not None
+    for _ in range(20):
+        assert run_asgi(app, http_scope(headers=upload_headers())).status == 503
+    assert app.default.pace.limit == Pace.FLOOR, "held 1 at each refusal: the limit goes down"
+    app = gated(FakeApp(read_body=True), limit=40)
+    assert app.default.pace is not None
+    run_asgi(app, http_scope(headers=upload_headers()))
+    assert app.default.pace.limit > 40, "a fast 200 still raises it"
+
+
 def gated(inner: FakeApp, limit: int, **limits: Any) -> Admission:
     """Admission whose pace has measured `limit` requests at a time."""
     app = admission(inner, **limits)
