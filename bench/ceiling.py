@@ -37,11 +37,13 @@ def timed_rate(step, items_per_step: int, seconds: float) -> float:
 
 def open_runtime(model_dir: Path, providers: list[str], threads: int
                  ) -> tuple[ModelCard, OnnxRuntime]:
-    """The graph as the service opens it, reading the outputs its task reads."""
+    """The graph as the service opens it, reading the outputs its task reads; its threads
+    spinning, ONNX Runtime's default, the runtime's best alone (the served layout has one
+    thread per process, where spinning changes nothing)."""
     card = ModelCard.read(model_dir)
     names = Detection.output_names(card.graph) if card.task == "detection" else None
     return card, OnnxRuntime(model_dir / ONNX_FILE, card.input, card.graph, providers, threads,
-                             output_names=names)
+                             spin=True, output_names=names)
 
 
 def runtime_throughput(model_dir: Path, providers: list[str], threads: int, seconds: float,

@@ -49,8 +49,9 @@ def run_folder_offline(tag: str, folder: Path, out: Path, *,
 
 def classify_folder_offline(stored: Any, card: ModelCard, folder: Path, out: Path,
                             max_pixels: int, providers: tuple[str, ...]) -> tuple[int, int]:
+    # One process that has the machine to itself: every core, spinning (session_options).
     runtime = OnnxRuntime(Path(stored.path_of(ONNX_FILE)), card.input, card.graph,
-                          providers=list(providers), intra_op_threads=0)
+                          providers=list(providers), intra_op_threads=0, spin=True)
     answered = 0
     with Output(out) as output:
         todo = [p for p in images_in(folder) if str(p) not in output.done]
@@ -85,7 +86,7 @@ def detect_folder_offline(stored: Any, card: ModelCard, folder: Path, out: Path,
     except RejectedInput as exc:
         raise SystemExit(str(exc)) from None
     runtime = OnnxRuntime(Path(stored.path_of(ONNX_FILE)), card.input, card.graph,
-                          providers=list(providers), intra_op_threads=0,
+                          providers=list(providers), intra_op_threads=0, spin=True,
                           output_names=task.output_names(card.graph))
     paths = images_in(folder)
     ids = image_ids(paths, folder)

@@ -185,6 +185,7 @@ class Deployment:
             providers=model.providers,
             intra_op_threads=model.intra_op_threads if intra_op_threads is None
             else intra_op_threads,
+            spin=model.thread_spinning,
             output_names=task.output_names(entry.card.graph),
             device_id=assigned_device_id(),
         )

@@ -108,6 +108,13 @@ class ModelSettings(_Section):
         description="Threads ONNX Runtime uses per worker; 0 = one per core. One thread per "
         "worker process, and one worker per core, served most on CPU.",
     )
+    thread_spinning: bool = Field(
+        default=False,
+        description="With more than one thread: ONNX Runtime's threads spin between operators "
+        "instead of sleeping (its own default). Faster for small operators in a worker that has "
+        "the machine to itself; with several workers, spinning threads take the cores the "
+        "others need.",
+    )
 
 
 class VariantSettings(_Section):

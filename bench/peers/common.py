@@ -22,9 +22,9 @@ def parse_args(extra: dict[str, type] | None = None) -> argparse.Namespace:
 
 def load(model_dir: Path, threads: int = 0) -> tuple[ModelCard, OnnxRuntime, int]:
     """Card, runtime (the service's providers; `threads` ORT threads, 0 = ORT's default of one
-    per core, as a tutorial server has it), and the service's top_k."""
+    per core, spinning, as a tutorial server has it), and the service's top_k."""
     settings = parse_settings(read_config_file())
     card = ModelCard.read(model_dir)
     runtime = OnnxRuntime(model_dir / ONNX_FILE, card.input, card.graph,
-                          settings.model.providers, threads)
+                          settings.model.providers, threads, spin=True)
     return card, runtime, settings.response.top_k

@@ -1,11 +1,21 @@
-"""What a worker does once its models are loaded: the heap allocated so far leaves the garbage
-collector's generations (serving/deployment.py keep_out_of_collections)."""
+"""What a worker does when it starts: its runtime gets the model settings, and once its models
+are loaded, the heap allocated so far leaves the garbage collector's generations
+(serving/deployment.py keep_out_of_collections)."""
 
 from __future__ import annotations
 
 import gc
+from pathlib import Path
+from types import SimpleNamespace
 
-from serving.deployment import keep_out_of_collections
+import pytest
+
+from serving.classification import Classification
+from serving.contract import ONNX_FILE, GraphSpec
+from serving.deployment import Deployment, StoreEntry, keep_out_of_collections
+from serving.routing import Router
+from serving.settings import ClassifierSettings
+from tests.serving.test_runtime import CONV_SPEC, conv_graph
 
 
 def test_objects_allocated_at_start_are_frozen_and_new_ones_are_not() -> None:
@@ -21,3 +31,19 @@ def test_objects_allocated_at_start_are_frozen_and_new_ones_are_not() -> None:
         assert id(later[0]) in scanned and id(loaded[0]) not in scanned
     finally:
         gc.unfreeze()  # the rest of the test session collects as usual
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_model_thread_spinning_reaches_the_session(tmp_path: Path, spinning: bool) -> None:
+    """model.thread_spinning (off by default) is what the worker's ONNX Runtime session gets."""
+    graph = conv_graph(tmp_path / ONNX_FILE, layers=2, width=8)
+    card = SimpleNamespace(input=CONV_SPEC, graph=GraphSpec(feature_dim=8))
+    settings = ClassifierSettings.model_validate(
+        {"model": {"providers": ["cpu"], "intra_op_threads": 2, "thread_spinning": spinning}})
+    deployment = Deployment(settings, settings.served_variants(), [], None, Router([1.0], []))
+    entry = StoreEntry("graph:1", card, graph.parent)  # type: ignore[arg-type]
+    runtime = deployment.load_runtime(entry, Classification(list("abcdefgh"), top_k=1))
+    options = runtime.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == \
+        ("1" if spinning else "0")
+    assert ClassifierSettings().model.thread_spinning is False

@@ -285,3 +285,17 @@ def test_a_graph_onnx_runtime_cannot_write_optimized_is_served_as_stored(
     assert "no room to write" in caplog.text and "as stored" in caplog.text
     probabilities, _ = runtime.run(np.zeros((2, *CONV_SPEC.shape), np.uint8))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_threads_spin_only_when_asked(tmp_path: Path, spin: bool) -> None:
+    """Spinning threads take the cores other workers need: off unless model.thread_spinning."""
+    runtime = OnnxRuntime(conv_graph(tmp_path / ONNX_FILE, layers=2, width=8), CONV_SPEC,
+                          GraphSpec(feature_dim=8), providers=["cpu"], intra_op_threads=2,
+                          spin=spin)
+    options = runtime.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == \
+        ("1" if spin else "0")
+    assert options.intra_op_num_threads == 2
+    probabilities, _ = runtime.run(np.zeros((2, *CONV_SPEC.shape), np.uint8))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
