@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 from _bentoml_impl.server import app
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, Job
 from bentoml.exceptions import ServiceUnavailable
 
 from serving import batcher
@@ -143,3 +143,31 @@ async def test_a_failed_round_does_not_stop_batching() -> None:
     call = served(runtime)
     assert await asyncio.wait_for(call(4), DEADLINE_S) == 40
     assert served.failed
+
+
+def test_the_queue_is_priced_at_the_pace_of_recent_batches() -> None:
+    """Batches of 1 and 2 requests at 35 ms a request, and one of 2 that took 0.5 s (a stall):
+    BentoML's fit draws its line through that point (0.47 s a request), so 3 requests queued
+    a few ms ago would look past a 1 s max_latency_ms and the oldest be refused; their recent
+    pace (40 ms a request) answers them in time."""
+    served = dispatcher(max_latency_ms=1000)
+    for _ in range(2 + 47):  # BentoML skips the first 2
+        served.optimizer.log_outbound(n=1, wait=0.0, duration=0.035)
+    served.optimizer.log_outbound(n=2, wait=0.0, duration=0.5)
+    served.optimizer.trigger_refresh()
+    fitted = served.optimizer.o_a * 3 + served.optimizer.o_b
+    assert fitted > 1.0, "the fit this guards against"
+    now = 1000.0
+    for _ in range(3):
+        served._queue.append(Job(now - 0.005, None, None))  # type: ignore[arg-type]
+    per_request = served.recent_seconds_per_request()
+    assert per_request == pytest.approx((47 * 0.035 + 0.5) / 49)
+    assert served.estimated_latency(now) == pytest.approx(0.005 + 3 * per_request)
+    assert served.estimated_latency(now) < served.max_latency
+
+
+def test_before_any_batch_is_timed_the_oldest_request_s_age_is_its_latency() -> None:
+    served = dispatcher(max_latency_ms=1000)
+    served._queue.append(Job(99.0, None, None))  # type: ignore[arg-type]
+    assert served.recent_seconds_per_request() is None
+    assert served.estimated_latency(100.0) == pytest.approx(1.0)
