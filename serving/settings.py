@@ -173,7 +173,7 @@ class BatchingSettings(_Section):
     runtime_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         default="auto",
         description="Images per runtime call: a batch from the queue runs in pieces of this "
-        "size. auto: measured in each worker at start, the smallest power of two within 5% of "
+        "size. auto: measured in each worker at start, the smallest power of two within 10% of "
         "the best images per second (serving/calibration.py); a CPU is often fastest at 4-16, "
         "and ONNX Runtime keeps memory for the largest call it has made.",
     )

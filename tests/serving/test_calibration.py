@@ -1,4 +1,4 @@
-"""The runtime batch size chosen at start: the smallest power of two within 5% of the best rate,
+"""The runtime batch size chosen at start: the smallest power of two within 10% of the best rate,
 sizes tried upwards until one call is too long. Timed by a fake clock (cost per call by size)."""
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def test_the_size_with_the_best_rate_is_kept() -> None:
 
 
 def test_the_smallest_size_within_tolerance_of_the_best_is_kept() -> None:
-    # images/s: 1000, 1900, 2000, 2010: 4 is within 5% of 8's rate, 2 is not.
-    timed, _ = timed_by({1: 0.001, 2: 2 / 1900, 4: 0.002, 8: 8 / 2010})
+    # images/s: 1000, 1800, 1850, 1990: 4 is within 10% of 8's rate, 2 is not.
+    timed, _ = timed_by({1: 0.001, 2: 2 / 1800, 4: 4 / 1850, 8: 8 / 1990})
     assert best_batch_size(run, (4, 4, 1), 8, timed) == 4
 
 
