@@ -64,13 +64,14 @@ class EagerDispatcher(CorkDispatcher[Any, Any]):
     def recent_seconds_per_request(self) -> float | None:
         """The time BentoML's record of the last 50 batches took over the requests they held.
 
-        Why not BentoML's fit of that record (o_a x requests + o_b, least squares): under load
-        after a quiet spell, nearly every batch recorded holds one or two requests, and a line
-        through points of almost one size takes its slope from their noise. One such fit
-        (resnet18 at 64 connections right after 1) priced the queue above max_latency_ms with a
-        handful queued: the worker refused 12,198 requests in 16 s, each 30-60 ms after it came,
-        while the other worker served; and refusing left it batches of one, so the fit never
-        mended. Time over requests is the pace itself: it never extrapolates."""
+        Why not BentoML's fit of that record (o_a x requests + o_b, least squares): after a
+        quiet spell nearly every batch recorded holds one or two requests, and a line through
+        points of almost one size takes its slope from their noise; a steep one prices a handful
+        of queued requests above max_latency_ms, the oldest is refused, and the batches left to
+        record are again of one. Seen once (resnet18 at 64 connections right after 1, 2 cores):
+        one worker refused 12,198 requests in 16 s, each 30-60 ms after it came, while the other
+        served; only such a price refuses a request that young. Time over requests is the pace
+        itself: it never extrapolates."""
         record = self.optimizer.o_stat
         requests = sum(n for n, _, _ in record)
         return sum(duration for _, duration, _ in record) / requests if requests else None
