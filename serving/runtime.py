@@ -142,11 +142,11 @@ class OnnxRuntime:
 def session_options(intra_op_threads: int, spin: bool = False) -> ort.SessionOptions:
     """`spin`: ONNX Runtime's threads keep spinning for work between operators (its default).
     Why off in a server: spinning threads take the cores the other workers decode and run on.
-    resnet18 on 2 cores, two processes of 2 threads each calling back to back: 49 images/s
-    spinning, 58 not, 62 with one thread each; and one image alone takes 18 ms on 2 threads
-    either way (34 on one). Spinning pays for small operators in a process that has the machine
-    to itself (mobilenet_v3_small, one image on 2 threads: 1.2 ms spinning, 1.9 not): the
-    offline client's case."""
+    In `make bench`'s levers table (2 cores, 2 workers x 2 threads), mobilenet_v3_small at 64
+    connections answered 424/s with threads that sleep and 225/s with threads that spin, and
+    resnet18 at 4 connections as many either way (46 and 47/s) with a p99 of 241 against 399 ms.
+    Spinning pays for small operators when nothing else wants the cores (mobilenet_v3_small at
+    1 connection: 246 against 210/s): the offline client's case, one process on every core."""
     options = onnxruntime().SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
