@@ -59,8 +59,9 @@ def return_freed_memory() -> None:
     """Hand the heap pages freed while the worker started back to the system (glibc's
     malloc_trim). Why: glibc keeps freed memory for the process to reuse, and starting frees a
     lot that serving never asks for again: the session that writes the optimized graph, the
-    calibration's larger calls. A worker loading mobilenet_v3_small held 15 MB so, resnet18
-    27 MB, every worker for its life. Without glibc (musl, macOS) there is nothing to call."""
+    calibration's larger calls. resnet18's whole server idled at 520-522 MB in `python -m
+    bench` before this, at 469-495 since (docs/performance.md, round 6). Without glibc (musl,
+    macOS) there is nothing to call."""
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
