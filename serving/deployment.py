@@ -180,6 +180,7 @@ class Deployment:
         if runtime.graph.batch_size is not None:
             return None
         if batching.runtime_batch_size != "auto":
+            runtime.warm_batch_shapes(batching.runtime_batch_size)
             return batching.runtime_batch_size
         size = best_batch_size(runtime.run, runtime.input_spec.shape, batching.max_batch_size)
         runtime.shrink_arena(size)  # what the larger calls tried grew, serving never uses
@@ -205,6 +206,7 @@ class Deployment:
             spin=model.thread_spinning,
             output_names=task.output_names(entry.card.graph),
             device_id=assigned_device_id(),
+            conv_algo_search=model.cudnn_conv_algo_search,
         )
 
     def load_shadow(self, task: Task) -> Shadow | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -34,6 +34,8 @@ _PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# model.cudnn_conv_algo_search -> the CUDA provider's option of that name.
+_CONV_ALGO_SEARCH = {"exhaustive": "EXHAUSTIVE", "heuristic": "HEURISTIC", "default": "DEFAULT"}
 # One device file per NVIDIA GPU the process may use (a container sees only the ones it is given).
 _GPU_DEVICE_FILES = "nvidia[0-9]*"
 
@@ -68,10 +70,12 @@ class OnnxRuntime:
         spin: bool = False,
         output_names: Sequence[str] | None = None,
         device_id: int | None = None,
+        conv_algo_search: str = "heuristic",
     ) -> None:
         """`spin`: whether ORT's threads spin between operators (session_options). `device_id`:
         the CUDA device (an index among those visible) the GPU providers use; None: CUDA's
-        default, the first."""
+        default, the first. `conv_algo_search`: how the CUDA provider picks each convolution's
+        cuDNN algorithm (model.cudnn_conv_algo_search)."""
         ort = onnxruntime()
         requested = choose_providers(providers, ort.get_available_providers(), gpu_available())
         if "CUDAExecutionProvider" in requested:
@@ -83,7 +87,7 @@ class OnnxRuntime:
         else:
             self.session = ort.InferenceSession(
                 str(model_path), session_options(intra_op_threads, spin),
-                providers=on_device(requested, device_id))
+                providers=on_device(requested, device_id, conv_algo_search))
         # A provider can be listed as available yet fail to initialise (no driver, no GPU):
         # ORT then falls back silently, so report what the session really uses.
         self.providers: list[str] = self.session.get_providers()
@@ -107,11 +111,23 @@ class OnnxRuntime:
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         """The outputs named by `output_names`, in that order, for a batch of any size."""
         size = self.graph.batch_size
-        if size is None or len(pixels) == size:
-            return self._run(pixels)
-        # A graph exported for a fixed batch (torchvision's detectors: 1): one call per piece of
-        # that size, the last one padded with blank rows.
-        return run_in_pieces(self._run, pixels, size, pad=True)
+        if size is not None and len(pixels) != size:
+            # A graph exported for a fixed batch (torchvision's detectors: 1): one call per
+            # piece of that size, the last one padded with blank rows.
+            return run_in_pieces(self._run, pixels, size, pad=True)
+        if size is None and self.on_gpu:
+            return run_padded(self._run, pixels, batch_shape(len(pixels)))
+        return self._run(pixels)
+
+    def warm_batch_shapes(self, largest: int) -> None:
+        """On a GPU, one call of each batch shape that `run` makes for up to `largest` images,
+        so that none is met first while serving (see batch_shape). Nothing on a CPU."""
+        if not self.on_gpu or self.graph.batch_size is not None:
+            return
+        rows = 1
+        while rows < batch_shape(largest):
+            rows *= 2
+            self._run(np.zeros((rows, *self.input_spec.shape), dtype=np.uint8))
 
     def _run(self, pixels: np.ndarray, options: ort.RunOptions | None = None
              ) -> tuple[np.ndarray, ...]:
@@ -197,12 +213,43 @@ def gpu_device_files() -> int:
     return len(list(Path("/dev").glob(_GPU_DEVICE_FILES)))
 
 
-def on_device(providers: Sequence[str], device_id: int | None
-              ) -> list[str | tuple[str, dict[str, str]]]:
-    """`providers` with the GPU ones pinned to `device_id` (ONNX Runtime's provider option)."""
-    if device_id is None:
-        return list(providers)
-    return [(p, {"device_id": str(device_id)}) if p in _GPU_PROVIDERS else p for p in providers]
+def on_device(providers: Sequence[str], device_id: int | None,
+              conv_algo_search: str = "heuristic") -> list[str | tuple[str, dict[str, str]]]:
+    """`providers` with their options: the GPU ones pinned to `device_id`, CUDA's convolutions
+    tuned by `conv_algo_search` (model.cudnn_conv_algo_search)."""
+    pinned = {} if device_id is None else {"device_id": str(device_id)}
+    chosen: list[str | tuple[str, dict[str, str]]] = []
+    for provider in providers:
+        options = dict(pinned) if provider in _GPU_PROVIDERS else {}
+        if provider == "CUDAExecutionProvider":
+            options["cudnn_conv_algo_search"] = _CONV_ALGO_SEARCH[conv_algo_search]
+        chosen.append((provider, options) if options else provider)
+    return chosen
+
+
+def batch_shape(rows: int) -> int:
+    """The batch size a GPU call of `rows` images is padded to: the next power of two.
+
+    Why: the CUDA provider prepares each convolution for each input shape it meets. With ONNX
+    Runtime's own EXHAUSTIVE search, on an H200 with resnet50, calls of 3, 5, 6 and 7 images
+    took 520-740 ms each, every time, against 150-160 ms for the powers of two met before
+    (docs/performance.md, round 7), and a server whose batches took any size answered 18/s at
+    16 connections. model.cudnn_conv_algo_search's default (HEURISTIC) removes that search;
+    powers of two still bound the shapes, and with them what the provider keeps per shape, to
+    log2(max_batch_size) + 1, all met while the worker starts (calibration or
+    warm_batch_shapes), for at most twice the rows in a call, which a GPU runs in little more
+    time (the same runs' ceiling: 3.3 ms for 8 images against 2.6 ms for 4, per process)."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def run_padded(run: Callable[[np.ndarray], tuple[np.ndarray, ...]], pixels: np.ndarray,
+               rows: int) -> tuple[np.ndarray, ...]:
+    """`run`'s outputs for `pixels`, from one call on `rows` rows: the batch filled up with
+    blank images, whose outputs are dropped."""
+    if len(pixels) >= rows:
+        return run(pixels)
+    blank = np.zeros((rows - len(pixels), *pixels.shape[1:]), pixels.dtype)
+    return tuple(output[:len(pixels)] for output in run(np.concatenate([pixels, blank])))
 
 
 def session_device_id(session: ort.InferenceSession) -> int | None:

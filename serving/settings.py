@@ -115,6 +115,14 @@ class ModelSettings(_Section):
         "the machine to itself; with several workers, spinning threads take the cores the "
         "others need.",
     )
+    cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
+        default="heuristic",
+        description="On the CUDA provider: how each convolution's cuDNN algorithm is chosen for "
+        "each batch shape. heuristic: cuDNN's rules, at once. exhaustive (ONNX Runtime's own "
+        "default): every algorithm timed, which takes a moment per convolution the first time a "
+        "shape is met; the runtime meets its few batch shapes while the worker starts. default: "
+        "one fixed algorithm.",
+    )
 
 
 class VariantSettings(_Section):

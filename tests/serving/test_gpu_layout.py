@@ -177,9 +177,24 @@ def test_worker_device_id(worker: int | None, visible: str | None, files: int,
 
 
 def test_only_gpu_providers_are_pinned_to_the_device() -> None:
+    heuristic = {"cudnn_conv_algo_search": "HEURISTIC"}
     assert on_device([TENSORRT, CUDA, CPU], 1) == [
-        (TENSORRT, {"device_id": "1"}), (CUDA, {"device_id": "1"}), CPU]
-    assert on_device([CUDA, CPU], None) == [CUDA, CPU]
+        (TENSORRT, {"device_id": "1"}), (CUDA, {"device_id": "1", **heuristic}), CPU]
+    assert on_device([CUDA, CPU], None) == [(CUDA, heuristic), CPU]
+
+
+@pytest.mark.parametrize("setting, option", [
+    ("heuristic", "HEURISTIC"), ("exhaustive", "EXHAUSTIVE"), ("default", "DEFAULT")])
+def test_the_convolution_search_setting_reaches_the_cuda_provider(setting: str,
+                                                                  option: str) -> None:
+    model = settings.ModelSettings(cudnn_conv_algo_search=setting)
+    assert on_device([CUDA, CPU], None, model.cudnn_conv_algo_search) == [
+        (CUDA, {"cudnn_conv_algo_search": option}), CPU]
+
+
+def test_the_convolution_search_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="cudnn_conv_algo_search"):
+        settings.ModelSettings(cudnn_conv_algo_search="fastest")
 
 
 def cpu_runtime(tmp_path: Path, device_id: int | None) -> OnnxRuntime:

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard
-from serving.runtime import OnnxRuntime, choose_providers, cpu_session_of_optimized_graph
+from serving.runtime import (
+    OnnxRuntime,
+    batch_shape,
+    choose_providers,
+    cpu_session_of_optimized_graph,
+    run_padded,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -30,6 +36,43 @@ def test_cpu_is_always_the_fallback() -> None:
         "TensorrtExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(["cuda"], ["CPUExecutionProvider"], gpu_present=True) == [
         "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("rows, shape", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16),
+                                         (64, 64), (65, 128)])
+def test_gpu_calls_are_padded_to_a_power_of_two(rows: int, shape: int) -> None:
+    assert batch_shape(rows) == shape
+
+
+def test_a_padded_call_answers_the_rows_asked_for_and_only_them() -> None:
+    calls = []
+
+    def run(pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        calls.append(pixels.shape)
+        return (pixels.reshape(len(pixels), -1).sum(axis=1), pixels[:, 0, 0, 0] + 1)
+
+    pixels = np.random.default_rng(0).integers(1, 256, (5, 2, 2, 3), dtype=np.uint8)
+    sums, firsts = run_padded(run, pixels, batch_shape(len(pixels)))
+    assert calls == [(8, 2, 2, 3)]
+    np.testing.assert_array_equal(sums, pixels.reshape(5, -1).sum(axis=1))
+    np.testing.assert_array_equal(firsts, pixels[:, 0, 0, 0] + 1)
+    assert len(run_padded(run, pixels[:4], 4)[0]) == 4 and calls[-1] == (4, 2, 2, 3)
+
+
+def test_a_cpu_runtime_runs_the_rows_it_is_given(tmp_path: Path) -> None:
+    """Padding pays on a GPU only: a CPU's time grows with the rows, and it has no per-shape
+    preparation to spare."""
+    spec = InputSpec(height=4, width=5, channels=3, color_mode="RGB", mean=(0, 0, 0),
+                     std=(1, 1, 1))
+    runtime = OnnxRuntime(channel_stats_graph(tmp_path / "model.onnx", "N", spec.shape), spec,
+                          GraphSpec(feature_dim=3), providers=["cpu"])
+    shapes = []
+    session_run = runtime.session.run
+    runtime.session.run = lambda names, feed, options=None: (  # type: ignore[method-assign]
+        shapes.append(feed["pixels"].shape[0]) or session_run(names, feed, options))
+    runtime.warm_batch_shapes(64)
+    probabilities, _ = runtime.run(np.zeros((5, *spec.shape), np.uint8))
+    assert shapes == [5] and probabilities.shape == (5, 3)
 
 
 @pytest.mark.e2e  # the model trained by the real CLI
