@@ -50,6 +50,25 @@ def test_goodput_idle_and_peak_memory() -> None:
     assert not rows["heavy: peak RSS at c=128 ≤ 600 MB"]
 
 
+def test_a_gpu_run_reports_the_cpu_servers_memory_and_start_targets_without_judging_them(
+) -> None:
+    entry = model([level(1, 200), level(128, 300, rss=2600.0), level(256, 300)])
+    rows = verdicts(report.load_rows("resnet50", entry, None, on_gpu=True))
+    assert rows["resnet50: peak RSS at c=128 (≤ 600 MB on a CPU)"] is None
+    assert rows["resnet50: goodput at c=128 ≥ 90% of the peak"] is True
+    assert verdicts(report.load_rows("resnet50", entry, None))[
+        "resnet50: peak RSS at c=128 ≤ 600 MB"] is False
+
+
+def test_the_report_names_the_options_of_its_run() -> None:
+    args = {"models": "['resnet50']", "servers": "['bentoml']", "concurrency": "[1, 4]",
+            "duration": "5", "ceiling_seconds": "1.0", "gpu": "True",
+            "config": "/somewhere/configuration.gpu.yaml"}
+    assert report.run_options(args) == (
+        "--gpu --models resnet50 --servers bentoml --concurrency 1 4 --duration 5 "
+        "--ceiling-seconds 1.0 --config configuration.gpu.yaml")
+
+
 def test_profiles_are_tabled_by_run_and_older_results_still_read() -> None:
     runs = {"digits, c=64": {"ONNX Runtime (inference)": 0.2, "multipart parsing": 0.1},
             "digits, c=128": {"ONNX Runtime (inference)": 0.3}}
