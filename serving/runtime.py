@@ -175,10 +175,13 @@ def cpu_session_of_optimized_graph(model_path: Path, intra_op_threads: int, spin
     """A CPU session loaded from the graph ONNX Runtime's optimizations make of `model_path`,
     written by a first session that is then dropped.
 
-    Why: a session keeps the stored graph's weights beside the copies its layout optimizations
-    make of them (NCHWc, on x86), and loaded from the optimized graph it holds only those:
-    resnet18 (a 43 MB graph) 145 MB as a session, 52 MB so, at the same speed (36.9 against
-    37.5 ms per image, one thread); per worker, for as long as it lives. The optimized graph fits
+    Why: a session of the stored graph frees the weights its layout optimizations replace
+    (NCHWc copies, on x86), and glibc keeps that heap for the process: resnet18 (a 43 MB graph)
+    grew a fresh interpreter by 147 MB as a session of the stored graph and by 72 MB so, at the
+    same speed (36.9 against 37.5 ms per image, one thread). A worker now also hands freed heap
+    back once its models are loaded (deployment.return_freed_memory), after which both hold
+    60 MB (2026-12-04); this still spares the processes that load a runtime and do not trim
+    (the shadow's, serving/shadow.py). The optimized graph fits
     this machine's CPU only (ORT warns about that when it writes one), so it is made here, at
     start, in a temporary directory, and never kept. Where ONNX Runtime cannot write it (a graph
     too large for one file, say), the session loads the stored graph as before."""

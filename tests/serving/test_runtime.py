@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard
+from serving.deployment import return_freed_memory
 from serving.runtime import (
     OnnxRuntime,
     batch_shape,
@@ -260,6 +260,8 @@ def session_memory(path: str, optimized: bool) -> None:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     session.run(None, {"pixels": np.zeros((1, *CONV_SPEC.shape), np.uint8)})
+    # What the session holds, not what glibc kept of the heap it freed (that varied by run).
+    return_freed_memory()
     print(json.dumps({"grown": process.memory_info().rss - before}))
 
 
@@ -271,17 +273,15 @@ def measured_in_a_fresh_interpreter(call: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_cpu_session_holds_the_optimized_graph_s_weights_only(tmp_path: Path) -> None:
-    """Loaded from the graph ONNX Runtime's optimizations made, a session does not keep the
-    stored weights beside their NCHWc copies (resnet18: 145 MB as stored, 52 MB so)."""
+def test_a_cpu_session_of_the_optimized_graph_holds_no_more_than_one_of_the_stored_graph(
+        tmp_path: Path) -> None:
+    """Loading the optimized graph costs a worker no memory, once freed heap is handed back (as
+    a worker does, and session_memory does): resnet18 holds 60 MB either way."""
     path = str(conv_graph(tmp_path / ONNX_FILE))
     stored = measured_in_a_fresh_interpreter(f"session_memory({path!r}, optimized=False)")
     optimized = measured_in_a_fresh_interpreter(f"session_memory({path!r}, optimized=True)")
-    saved = 1 - optimized["grown"] / stored["grown"]
-    if platform.machine() in ("x86_64", "AMD64"):  # where the NCHWc layout applies
-        assert saved > 0.25, f"{stored['grown'] / 2**20:.0f} MB as stored, " \
-                             f"{optimized['grown'] / 2**20:.0f} MB optimized"
-    assert optimized["grown"] <= stored["grown"] * 1.1
+    assert optimized["grown"] <= stored["grown"] * 1.1, \
+        f"{stored['grown'] / 2**20:.0f} MB as stored, {optimized['grown'] / 2**20:.0f} MB optimized"
 
 
 def test_the_optimized_graph_answers_as_the_stored_one(tmp_path: Path) -> None:
