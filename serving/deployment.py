@@ -180,10 +180,12 @@ class Deployment:
         if runtime.graph.batch_size is not None:
             return None
         if batching.runtime_batch_size != "auto":
-            runtime.warm_batch_shapes(batching.runtime_batch_size)
-            return batching.runtime_batch_size
-        size = best_batch_size(runtime.run, runtime.input_spec.shape, batching.max_batch_size)
-        runtime.shrink_arena(size)  # what the larger calls tried grew, serving never uses
+            size = batching.runtime_batch_size
+        else:
+            size = best_batch_size(runtime.run, runtime.input_spec.shape,
+                                   batching.max_batch_size)
+            runtime.shrink_arena(size)  # what the larger calls tried grew, serving never uses
+        runtime.settle_batch_shapes(size)
         return size
 
     def load_runtime(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None

@@ -3,6 +3,7 @@ this worker's GPU when there are several (worker_device_id)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import tempfile
@@ -76,18 +77,26 @@ class OnnxRuntime:
         the CUDA device (an index among those visible) the GPU providers use; None: CUDA's
         default, the first. `conv_algo_search`: how the CUDA provider picks each convolution's
         cuDNN algorithm (model.cudnn_conv_algo_search)."""
-        ort = onnxruntime()
-        requested = choose_providers(providers, ort.get_available_providers(), gpu_available())
+        ort_module = onnxruntime()
+        requested = choose_providers(providers, ort_module.get_available_providers(),
+                                     gpu_available())
         if "CUDAExecutionProvider" in requested:
             # The CUDA/cuDNN libraries come as pip wheels (nvidia-*), which are not on the
             # loader's path; ORT's helper finds and loads them.
-            ort.preload_dlls(directory="")
+            ort_module.preload_dlls(directory="")
         if requested == ["CPUExecutionProvider"]:
-            self.session = cpu_session_of_optimized_graph(model_path, intra_op_threads, spin)
+            self.open_session: Callable[[], ort.InferenceSession] = functools.partial(
+                cpu_session_of_optimized_graph, model_path, intra_op_threads, spin)
         else:
-            self.session = ort.InferenceSession(
-                str(model_path), session_options(intra_op_threads, spin),
+            self.open_session = functools.partial(
+                ort_module.InferenceSession, str(model_path),
+                session_options(intra_op_threads, spin),
                 providers=on_device(requested, device_id, conv_algo_search))
+        self.session = self.open_session()
+        # Where settle_batch_shapes made one: the session for calls of more than one image, all
+        # padded to `batch_rows`.
+        self.batch_session: ort.InferenceSession | None = None
+        self.batch_rows = 0
         # A provider can be listed as available yet fail to initialise (no driver, no GPU):
         # ORT then falls back silently, so report what the session really uses.
         self.providers: list[str] = self.session.get_providers()
@@ -96,7 +105,7 @@ class OnnxRuntime:
         self.input_spec = input_spec
         self.graph = graph
         self.output_names = list(output_names or [graph.probabilities_name, graph.features_name])
-        logger.info("ONNX Runtime %s session on %s%s", ort.__version__, self.providers[0],
+        logger.info("ONNX Runtime %s session on %s%s", ort_module.__version__, self.providers[0],
                     f" (CUDA device {self.device_id})" if self.on_gpu else "")
         self.run(np.zeros((1, *input_spec.shape), dtype=np.uint8))  # warm-up before ready
 
@@ -115,24 +124,42 @@ class OnnxRuntime:
             # A graph exported for a fixed batch (torchvision's detectors: 1): one call per
             # piece of that size, the last one padded with blank rows.
             return run_in_pieces(self._run, pixels, size, pad=True)
-        if size is None and self.on_gpu:
-            return run_padded(self._run, pixels, batch_shape(len(pixels)))
+        if self.batch_session is not None and len(pixels) > 1:
+            return run_in_pieces(self._run_batch, pixels, self.batch_rows, pad=True)
         return self._run(pixels)
 
-    def warm_batch_shapes(self, largest: int) -> None:
-        """On a GPU, one call of each batch shape that `run` makes for up to `largest` images,
-        so that none is met first while serving (see batch_shape). Nothing on a CPU."""
-        if not self.on_gpu or self.graph.batch_size is not None:
+    def settle_batch_shapes(self, rows: int, even_on_cpu: bool = False) -> None:
+        """On a GPU, from now on: a call of one image on this session, and every other call on
+        a second session of the same graph, filled up to `rows` images. Each session then meets
+        one input shape for the rest of its life. Nothing on a CPU (`even_on_cpu`: the same
+        there, for tests), for a graph of a fixed batch size, or for `rows` of 1.
+
+        Why: the CUDA provider builds every convolution's cuDNN plan again whenever a call's
+        input shape differs from the previous call's; it keeps no plan per shape (ONNX Runtime's
+        core/providers/cuda/nn/conv.cc, UpdateState, cuDNN 9). On an H200, resnet50's calls
+        took 148-163 ms each while their sizes alternated, against 1 ms at batch 1 in the
+        runtime's ceiling, which repeats one size; and a server whose batches changed size made
+        75 batches in 5 s at 16 connections (docs/performance.md, round 7). The second session
+        holds a second copy of the weights on the device; a call of 2 images runs as `rows`,
+        which a GPU runs in little more time (the same runs' ceiling: 3.3 ms for 8 images
+        against 2.6 ms for 4, per process)."""
+        if not (self.on_gpu or even_on_cpu) or self.graph.batch_size is not None or rows <= 1:
             return
-        rows = 1
-        while rows < batch_shape(largest):
-            rows *= 2
-            self._run(np.zeros((rows, *self.input_spec.shape), dtype=np.uint8))
+        self.batch_session = self.open_session()
+        self.batch_rows = rows
+        blank = np.zeros((rows, *self.input_spec.shape), dtype=np.uint8)
+        self._run_batch(blank)  # each session's shape met before the first request
+        self._run(blank[:1])
 
     def _run(self, pixels: np.ndarray, options: ort.RunOptions | None = None
              ) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(self.output_names, {self.graph.input_name: pixels},
                                       options))
+
+    def _run_batch(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        assert self.batch_session is not None
+        return tuple(self.batch_session.run(self.output_names,
+                                            {self.graph.input_name: pixels}))
 
     def shrink_arena(self, rows: int) -> None:
         """Give back the CPU memory arena's chunks that a call of `rows` images does not use.
@@ -228,31 +255,6 @@ def on_device(providers: Sequence[str], device_id: int | None,
             options["cudnn_conv_algo_search"] = _CONV_ALGO_SEARCH[conv_algo_search]
         chosen.append((provider, options) if options else provider)
     return chosen
-
-
-def batch_shape(rows: int) -> int:
-    """The batch size a GPU call of `rows` images is padded to: the next power of two.
-
-    Why: the CUDA provider prepares each convolution for each input shape it meets. With ONNX
-    Runtime's own EXHAUSTIVE search, on an H200 with resnet50, calls of 3, 5, 6 and 7 images
-    took 520-740 ms each, every time, against 150-160 ms for the powers of two met before
-    (docs/performance.md, round 7), and a server whose batches took any size answered 18/s at
-    16 connections. model.cudnn_conv_algo_search's default (HEURISTIC) removes that search;
-    powers of two still bound the shapes, and with them what the provider keeps per shape, to
-    log2(max_batch_size) + 1, all met while the worker starts (calibration or
-    warm_batch_shapes), for at most twice the rows in a call, which a GPU runs in little more
-    time (the same runs' ceiling: 3.3 ms for 8 images against 2.6 ms for 4, per process)."""
-    return 1 << max(rows - 1, 0).bit_length()
-
-
-def run_padded(run: Callable[[np.ndarray], tuple[np.ndarray, ...]], pixels: np.ndarray,
-               rows: int) -> tuple[np.ndarray, ...]:
-    """`run`'s outputs for `pixels`, from one call on `rows` rows: the batch filled up with
-    blank images, whose outputs are dropped."""
-    if len(pixels) >= rows:
-        return run(pixels)
-    blank = np.zeros((rows - len(pixels), *pixels.shape[1:]), pixels.dtype)
-    return tuple(output[:len(pixels)] for output in run(np.concatenate([pixels, blank])))
 
 
 def session_device_id(session: ort.InferenceSession) -> int | None:

@@ -117,11 +117,11 @@ class ModelSettings(_Section):
     )
     cudnn_conv_algo_search: Literal["heuristic", "exhaustive", "default"] = Field(
         default="heuristic",
-        description="On the CUDA provider: how each convolution's cuDNN algorithm is chosen for "
-        "each batch shape. heuristic: cuDNN's rules, at once. exhaustive (ONNX Runtime's own "
-        "default): every algorithm timed, which takes a moment per convolution the first time a "
-        "shape is met; the runtime meets its few batch shapes while the worker starts. default: "
-        "one fixed algorithm.",
+        description="On the CUDA provider: how each convolution's cuDNN plan is chosen when a "
+        "session meets a new input shape. heuristic: cuDNN's rules, at once. exhaustive (ONNX "
+        "Runtime's own default): every algorithm timed, hundreds of milliseconds per call that "
+        "meets a new shape; a GPU worker's sessions each meet theirs while it starts "
+        "(serving/runtime.py, settle_batch_shapes). default: one fixed algorithm.",
     )
 
 

@@ -13,13 +13,7 @@ import pytest
 
 from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard
 from serving.deployment import return_freed_memory
-from serving.runtime import (
-    OnnxRuntime,
-    batch_shape,
-    choose_providers,
-    cpu_session_of_optimized_graph,
-    run_padded,
-)
+from serving.runtime import OnnxRuntime, choose_providers, cpu_session_of_optimized_graph
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -38,41 +32,41 @@ def test_cpu_is_always_the_fallback() -> None:
         "CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("rows, shape", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16),
-                                         (64, 64), (65, 128)])
-def test_gpu_calls_are_padded_to_a_power_of_two(rows: int, shape: int) -> None:
-    assert batch_shape(rows) == shape
+def shapes_met(session) -> list[int]:
+    """The batch sizes the session is called with from now on (it still runs them)."""
+    met: list[int] = []
+    run = session.run
+    session.run = lambda names, feed, options=None: (met.append(len(feed["pixels"])) or
+                                                     run(names, feed, options))
+    return met
 
 
-def test_a_padded_call_answers_the_rows_asked_for_and_only_them() -> None:
-    calls = []
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 11, 20])
+def test_settled_batch_shapes_keep_each_session_on_one_shape(tmp_path: Path, rows: int) -> None:
+    """What a GPU worker does (settle_batch_shapes): one image on the first session, anything
+    else filled up to 8 on the second, and the same answers as one call of the rows."""
+    runtime = stats_runtime(tmp_path, graph_batch="batch", card_batch=None)
+    pixels = np.random.default_rng(rows).integers(0, 256, (rows, *runtime.input_spec.shape),
+                                                  dtype=np.uint8)
+    expected = runtime.run(pixels)
+    runtime.settle_batch_shapes(8, even_on_cpu=True)
+    assert runtime.batch_session is not None
+    lone, batched = shapes_met(runtime.session), shapes_met(runtime.batch_session)
+    answered = runtime.run(pixels)
+    for got, want in zip(answered, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert set(lone) <= {1} and set(batched) <= {8}
+    assert (lone, len(batched)) == (([1], 0) if rows == 1 else ([], -(-rows // 8)))
 
-    def run(pixels: np.ndarray) -> tuple[np.ndarray, ...]:
-        calls.append(pixels.shape)
-        return (pixels.reshape(len(pixels), -1).sum(axis=1), pixels[:, 0, 0, 0] + 1)
 
-    pixels = np.random.default_rng(0).integers(1, 256, (5, 2, 2, 3), dtype=np.uint8)
-    sums, firsts = run_padded(run, pixels, batch_shape(len(pixels)))
-    assert calls == [(8, 2, 2, 3)]
-    np.testing.assert_array_equal(sums, pixels.reshape(5, -1).sum(axis=1))
-    np.testing.assert_array_equal(firsts, pixels[:, 0, 0, 0] + 1)
-    assert len(run_padded(run, pixels[:4], 4)[0]) == 4 and calls[-1] == (4, 2, 2, 3)
-
-
-def test_a_cpu_runtime_runs_the_rows_it_is_given(tmp_path: Path) -> None:
-    """Padding pays on a GPU only: a CPU's time grows with the rows, and it has no per-shape
-    preparation to spare."""
-    spec = InputSpec(height=4, width=5, channels=3, color_mode="RGB", mean=(0, 0, 0),
-                     std=(1, 1, 1))
-    runtime = OnnxRuntime(channel_stats_graph(tmp_path / "model.onnx", "N", spec.shape), spec,
-                          GraphSpec(feature_dim=3), providers=["cpu"])
-    shapes = []
-    session_run = runtime.session.run
-    runtime.session.run = lambda names, feed, options=None: (  # type: ignore[method-assign]
-        shapes.append(feed["pixels"].shape[0]) or session_run(names, feed, options))
-    runtime.warm_batch_shapes(64)
-    probabilities, _ = runtime.run(np.zeros((5, *spec.shape), np.uint8))
-    assert shapes == [5] and probabilities.shape == (5, 3)
+def test_a_cpu_runtime_keeps_one_session_for_every_shape(tmp_path: Path) -> None:
+    """A CPU's time grows with the rows and it builds nothing per shape: no second session,
+    no padding."""
+    runtime = stats_runtime(tmp_path, graph_batch="batch", card_batch=None)
+    runtime.settle_batch_shapes(8)
+    met = shapes_met(runtime.session)
+    probabilities, _ = runtime.run(np.zeros((5, *runtime.input_spec.shape), np.uint8))
+    assert runtime.batch_session is None and met == [5] and probabilities.shape == (5, 3)
 
 
 @pytest.mark.e2e  # the model trained by the real CLI
