@@ -321,6 +321,7 @@ def tune_litserve(key: str, images: dict, duration: int, home: Path) -> tuple[di
 
 
 CORK = {"image_classifier": {"batching": {"dispatch": "cork"}}}
+EAGER = {"image_classifier": {"batching": {"dispatch": "eager"}}}
 WHOLE_BATCH = {"image_classifier": {"batching": {"runtime_batch_size": 64}}}
 NO_GATE = {"image_classifier": {"limits": {"target_wait_ms": 0}}}
 NO_LANE = {"image_classifier": {"batching": {"fast_lane": False}}}
@@ -377,6 +378,9 @@ LEVERS = [
     ("BentoML's cork dispatch", "digits", 1, CORK),
     ("shipped defaults", "digits", 128, {}),
     ("BentoML's cork dispatch", "digits", 128, CORK),
+    ("eager dispatch (no refill hold)", "digits", 64, EAGER),
+    ("eager dispatch (no refill hold)", "digits", 128, EAGER),
+    ("eager dispatch (no refill hold)", "mobilenet_v3_small", 64, EAGER),
     # serving/fast_lane.py against BentoML's whole per-request path.
     ("no fast lane (batching.fast_lane false)", "digits", 1, NO_LANE),
     ("shipped defaults", "digits", 64, {}),

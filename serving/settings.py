@@ -185,12 +185,14 @@ class BatchingSettings(_Section):
         "the best images per second (serving/calibration.py); a CPU is often fastest at 4-16, "
         "and ONNX Runtime keeps memory for the largest call it has made.",
     )
-    dispatch: Literal["eager", "cork"] = Field(
-        default="eager",
+    dispatch: Literal["refill", "eager", "cork"] = Field(
+        default="refill",
         description="When a batch leaves the queue. eager: as soon as no batch is running (a "
-        "lone request waits for nothing; serving/batcher.py). cork: BentoML's own rule, which "
-        "holds requests back while it predicts that a bigger batch pays. One rule per worker: "
-        "in a multi-model deployment every model must name the same.",
+        "lone request waits for nothing; serving/batcher.py). refill: the same, except that "
+        "after a batch of several requests the next waits up to 2 ms for as many (the clients "
+        "just answered, sending again). cork: BentoML's own rule, which holds requests back "
+        "while it predicts that a bigger batch pays. One rule per worker: in a multi-model "
+        "deployment every model must name the same.",
     )
     fast_lane: bool = Field(
         default=True,
@@ -380,7 +382,7 @@ class SharedSettings(_Section):
     @property
     def batching_dispatch(self) -> str:
         """The workers' rule for releasing a batch (serving/batcher.py)."""
-        return "eager"
+        return "refill"
 
     @property
     def batching_fast_lane(self) -> bool:
@@ -569,7 +571,8 @@ class ModelServerSettings(SharedSettings):
                              f"name ({names})")
         if len({m.batching.dispatch for m in self.models}) > 1:
             raise ValueError("models: batching.dispatch differs between models; a worker has "
-                             "one dispatch rule, set the same (eager or cork) for every model")
+                             "one dispatch rule, set the same (refill, eager or cork) for every "
+                             "model")
         return self
 
     @property

@@ -13,7 +13,7 @@ from bentoml._internal.marshal.dispatcher import CorkDispatcher, Job
 from bentoml.exceptions import ServiceUnavailable
 
 from serving import batcher
-from serving.batcher import EagerDispatcher
+from serving.batcher import EagerDispatcher, RefillDispatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -118,10 +118,59 @@ async def test_a_request_that_cannot_be_answered_in_time_is_refused() -> None:
     assert await asyncio.wait_for(first, DEADLINE_S) == 0
 
 
+def refill_dispatcher(hold_s: float) -> RefillDispatcher:
+    served = RefillDispatcher(3_600_000, 64, fallback=fallback, get_batch_size=lambda _: 1)
+    served.refill_wait_s = hold_s
+    return served
+
+
+async def four_at_once(runtime: Runtime, call) -> None:
+    """A batch of one that runs while four more queue, then those four as one batch."""
+    runtime.gate.clear()
+    first = asyncio.ensure_future(call(0))
+    await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
+    queued = [asyncio.ensure_future(call(value)) for value in range(1, 5)]
+    await asyncio.sleep(0.05)
+    runtime.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *queued), DEADLINE_S)
+    assert runtime.batches == [[0], [1, 2, 3, 4]]
+
+
+async def test_after_a_batch_of_several_the_next_waits_for_as_many() -> None:
+    """An hour's hold: only the requests coming can release the batch, not the clock."""
+    runtime = Runtime()
+    call = refill_dispatcher(hold_s=3600)(runtime)
+    await four_at_once(runtime, call)
+    first = asyncio.ensure_future(call(5))
+    await asyncio.sleep(0.05)
+    assert len(runtime.batches) == 2, "one request, after a batch of four: held"
+    others = [asyncio.ensure_future(call(value)) for value in (6, 7, 8)]
+    assert await asyncio.wait_for(asyncio.gather(first, *others), DEADLINE_S) == [50, 60, 70, 80]
+    assert runtime.batches[2] == [5, 6, 7, 8]
+
+
+async def test_the_hold_ends_when_no_company_comes() -> None:
+    runtime = Runtime()
+    call = refill_dispatcher(hold_s=0.05)(runtime)
+    await four_at_once(runtime, call)
+    assert await asyncio.wait_for(call(5), DEADLINE_S) == 50
+    assert runtime.batches[2] == [5]
+
+
+async def test_after_a_batch_of_one_nothing_waits() -> None:
+    runtime = Runtime()
+    call = refill_dispatcher(hold_s=3600)(runtime)
+    for value in range(5):
+        assert await asyncio.wait_for(call(value), DEADLINE_S) == value * 10
+    assert runtime.batches == [[value] for value in range(5)]
+
+
 def test_install_chooses_the_class_bentoml_builds() -> None:
     try:
         batcher.install("eager")
         assert app.CorkDispatcher is EagerDispatcher
+        batcher.install("refill")
+        assert app.CorkDispatcher is RefillDispatcher
         batcher.install("cork")
         assert app.CorkDispatcher is CorkDispatcher
     finally:

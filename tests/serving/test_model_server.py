@@ -34,7 +34,7 @@ def test_each_model_gets_its_task_defaults_and_its_path() -> None:
     assert scenes.where.key("limits") == "services.ModelServer.model_server.models[1].limits"
     assert digits.where.model_tag_env == "MODEL_SERVER_DIGITS_MODEL_TAG"
     assert parsed.default == "digits"
-    assert parsed.batching_dispatch == "eager"
+    assert parsed.batching_dispatch == "refill"
 
 
 def test_a_model_tag_variable_pins_one_model(monkeypatch: pytest.MonkeyPatch) -> None:

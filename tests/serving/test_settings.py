@@ -40,7 +40,7 @@ def test_bentoml_cli_accepts_the_file_as_bentoml_config() -> None:
         ({"response": {"top_k": 0}}, "greater than or equal to 1"),
         ({"model": {"tag": "no spaces allowed"}}, "should match pattern"),
         ({"batching": {"max_batch_sise": 8}}, "Extra inputs are not permitted"),
-        ({"batching": {"dispatch": "greedy"}}, "'eager' or 'cork'"),
+        ({"batching": {"dispatch": "greedy"}}, "'refill', 'eager' or 'cork'"),
         ({"batching": {"runtime_batch_size": 0}}, "greater than 0"),
         ({"batching": {"runtime_batch_size": "fast"}}, "'auto'"),
     ],
@@ -142,9 +142,9 @@ def test_bad_variants_are_refused(variants, message) -> None:
         rollout(rollout={"variants": variants})
 
 
-def test_batching_defaults_eager_dispatch_and_a_measured_runtime_batch_size() -> None:
+def test_batching_defaults_refill_dispatch_and_a_measured_runtime_batch_size() -> None:
     parsed = settings.parse_settings(in_service_block({}))
-    assert parsed.batching.dispatch == "eager" and parsed.batching_dispatch == "eager"
+    assert parsed.batching.dispatch == "refill" and parsed.batching_dispatch == "refill"
     assert parsed.batching.runtime_batch_size == "auto"
     chosen = settings.parse_settings(in_service_block(
         {"batching": {"dispatch": "cork", "runtime_batch_size": 8}}))
