@@ -126,10 +126,10 @@ class EagerDispatcher(CorkDispatcher[Any, Any]):
         self._loop.create_task(self.outbound_call(batch))
 
 
-# How long, at most, the refill rule holds a batch after the runtime went free. Why 2 ms: the
-# digits model at 64 connections answered 1,553-1,670/s with it against 1,401-1,519 without
-# (three starts each, 2 cores; docs/performance.md, round 7), where a batch takes a few ms; a
-# heavier model's batch takes tens to hundreds, beside which 2 ms is nothing.
+# How long, at most, the refill rule holds a batch after the runtime went free: two of BentoML's
+# cork ticks (1 ms), not tuned further. With it the digits model at 64 connections answered
+# 1,553-1,670/s against 1,401-1,519 without (three starts each, 2 cores; docs/performance.md,
+# round 7); the detector's p99 at 128 rose by about a quarter, so it is configured eager.
 REFILL_WAIT_S = 0.002
 
 
