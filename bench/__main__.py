@@ -177,6 +177,8 @@ def measure_model(key: str, args: argparse.Namespace, settings, workers: int, im
         "served": {},
         "upload": model.upload,
     }
+    if args.gpu:  # what a change of batch shape costs the runtime there
+        entry["shape_changes_ms"] = ceiling.shape_change_ms(model_dir, providers, 0)
     upload, content_type = upload_of(key, images)
     for server in args.servers:
         overrides = litserve_config if server == "litserve" else {}

@@ -57,6 +57,28 @@ def runtime_throughput(model_dir: Path, providers: list[str], threads: int, seco
     return rates
 
 
+# Batch sizes that change from one call to the next, after each power of two up to 16 was met.
+SHAPE_CHANGES = (3, 5, 6, 7, 3, 5, 6, 7, 4, 8, 4, 8, 16, 1, 16)
+
+
+def shape_change_ms(model_dir: Path, providers: list[str], threads: int
+                    ) -> list[tuple[int, float]]:
+    """(batch size, milliseconds) of one runtime's calls, in SHAPE_CHANGES' order, not settled
+    (serving/runtime.py, settle_batch_shapes): on a GPU, what ONNX Runtime's CUDA provider pays
+    to build its convolution plans again at each change of shape; on a CPU, about the rows'
+    own cost."""
+    card, runtime = open_runtime(model_dir, providers, threads)
+    for rows in (1, 2, 4, 8, 16):
+        runtime.run(np.zeros((rows, *card.input.shape), np.uint8))
+    timed = []
+    for rows in SHAPE_CHANGES:
+        pixels = np.zeros((rows, *card.input.shape), np.uint8)
+        started = time.perf_counter()
+        runtime.run(pixels)
+        timed.append((rows, (time.perf_counter() - started) * 1000))
+    return timed
+
+
 def detector_pipeline_throughput(model_dir: Path, providers: list[str], threads: int,
                                  seconds: float, upload: bytes, detection: dict[str, Any],
                                  batch_sizes=BATCH_SIZES) -> dict[int, float]:

@@ -67,6 +67,12 @@ def nvidia_gpus() -> list[str]:
     return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
 
 
+def machine_line(m: dict) -> str:
+    """The report's line on the machine (machine()'s record)."""
+    return (f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
+            f"Python {m['python']}" + "".join(f"; GPU {gpu}" for gpu in m.get("gpus", [])))
+
+
 def ceiling_of(entry: dict) -> float:
     """The runtime's best images/s, in the served layout or on one process with all cores."""
     return max(max(entry["runtime_service_threads"].values()),
@@ -472,6 +478,14 @@ def detector_section(key: str, entry: dict) -> list[str]:
     return lines + served_rows(entry)
 
 
+def shape_change_lines(entry: dict) -> list[str]:
+    """A `--gpu` run's calls of one runtime whose batch size changes from call to call."""
+    if "shape_changes_ms" not in entry:
+        return []
+    return ["One runtime, not settled, its batch size changing from call to call (size: ms): "
+            + ", ".join(f"{rows}: {ms:.0f}" for rows, ms in entry["shape_changes_ms"]) + ".", ""]
+
+
 def run_options(args: dict[str, str]) -> str:
     """The options of `python -m bench` that shape the measurements, as given to this run."""
     def listed(value: str) -> str:
@@ -502,8 +516,7 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
         f"Produced by `make bench` (`python -m bench`) on {results['started']} UTC. Raw numbers: "
         f"[bench/results{suffix}.json](bench/results{suffix}.json).",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
-        f"Python {m['python']}" + "".join(f"; GPU {gpu}" for gpu in m.get("gpus", [])),
+        machine_line(m),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- Run: `python -m bench {run_options(results['args'])}`",
         f"- Service configuration ({Path(results['args']['config']).name}): "
@@ -556,6 +569,7 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
             "Decode + preprocess alone (one core): " + ", ".join(
                 f"{fmt.upper()} {ms:.2f} ms" for fmt, ms in entry["decode_ms"].items()) + ".",
             "",
+            *shape_change_lines(entry),
         ]
         lines += served_rows(entry)
     if "litserve_tuning" in results:
@@ -804,8 +818,7 @@ def curves_section(curves: dict, plots: list[str]) -> list[str]:
         "UTC. Raw numbers: [bench/curves.json](bench/curves.json). This project's service only, "
         "on one server per model and sweep.",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, "
-        f"Python {m['python']}" + "".join(f"; GPU {gpu}" for gpu in m.get("gpus", [])),
+        machine_line(m),
     ]
     config = Path(curves["config"]).name
     for task, svc in curves["service"].items():

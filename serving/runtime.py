@@ -125,7 +125,8 @@ class OnnxRuntime:
             # piece of that size, the last one padded with blank rows.
             return run_in_pieces(self._run, pixels, size, pad=True)
         if self.batch_session is not None and len(pixels) > 1:
-            return run_in_pieces(self._run_batch, pixels, self.batch_rows, pad=True)
+            return run_in_pieces(functools.partial(self._run, session=self.batch_session),
+                                 pixels, self.batch_rows, pad=True)
         return self._run(pixels)
 
     def settle_batch_shapes(self, rows: int, even_on_cpu: bool = False) -> None:
@@ -148,18 +149,15 @@ class OnnxRuntime:
         self.batch_session = self.open_session()
         self.batch_rows = rows
         blank = np.zeros((rows, *self.input_spec.shape), dtype=np.uint8)
-        self._run_batch(blank)  # each session's shape met before the first request
+        # Each session meets its shape before the first request.
+        self._run(blank, session=self.batch_session)
         self._run(blank[:1])
 
-    def _run(self, pixels: np.ndarray, options: ort.RunOptions | None = None
-             ) -> tuple[np.ndarray, ...]:
-        return tuple(self.session.run(self.output_names, {self.graph.input_name: pixels},
-                                      options))
-
-    def _run_batch(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
-        assert self.batch_session is not None
-        return tuple(self.batch_session.run(self.output_names,
-                                            {self.graph.input_name: pixels}))
+    def _run(self, pixels: np.ndarray, options: ort.RunOptions | None = None,
+             session: ort.InferenceSession | None = None) -> tuple[np.ndarray, ...]:
+        """One call on `session` (default: the first one)."""
+        return tuple((session or self.session).run(
+            self.output_names, {self.graph.input_name: pixels}, options))
 
     def shrink_arena(self, rows: int) -> None:
         """Give back the CPU memory arena's chunks that a call of `rows` images does not use.
@@ -204,12 +202,13 @@ def cpu_session_of_optimized_graph(model_path: Path, intra_op_threads: int, spin
 
     Why: a session of the stored graph frees the weights its layout optimizations replace
     (NCHWc copies, on x86), and glibc keeps that heap for the process: resnet18 (a 43 MB graph)
-    grew a fresh interpreter by 147 MB as a session of the stored graph and by 72 MB so, at the
-    same speed (36.9 against 37.5 ms per image, one thread). A worker now also hands freed heap
-    back once its models are loaded (deployment.return_freed_memory), after which both hold
-    60 MB (2026-12-04); this still spares the processes that load a runtime and do not trim
-    (the shadow's, serving/shadow.py). The optimized graph fits
-    this machine's CPU only (ORT warns about that when it writes one), so it is made here, at
+    grew a fresh interpreter by 147 MB as a session of the stored graph and by 72 MB so
+    (tests/serving/test_runtime.py's session_memory without its trim), at the same speed
+    (36.9 against 37.5 ms per image, one thread). A worker now also hands freed heap back once
+    its models are loaded (deployment.return_freed_memory), after which both hold 60 MB
+    (2026-12-04); this still spares the processes that load a runtime and do not trim (the
+    shadow's, serving/shadow.py). The optimized graph fits this machine's CPU only (ORT warns
+    about that when it writes one), so it is made here, at
     start, in a temporary directory, and never kept. Where ONNX Runtime cannot write it (a graph
     too large for one file, say), the session loads the stored graph as before."""
     ort_module = onnxruntime()

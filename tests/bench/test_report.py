@@ -76,3 +76,9 @@ def test_profiles_are_tabled_by_run_and_older_results_still_read() -> None:
     older = {"ONNX Runtime (inference)": 0.4}
     assert report.profiles_of({"profile": older}) == {"mobilenet_v3_small, c=64": older}
     assert report.profiles_of({}) == {}
+
+
+def test_a_gpu_run_lists_what_each_change_of_batch_shape_cost() -> None:
+    assert report.shape_change_lines({"decode_ms": {}}) == []
+    lines = report.shape_change_lines({"shape_changes_ms": [[3, 631.2], [4, 158.0]]})
+    assert lines[0].endswith("(size: ms): 3: 631, 4: 158.")

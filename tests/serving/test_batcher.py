@@ -77,31 +77,28 @@ async def test_after_a_busy_period_a_lone_request_still_leaves_at_once() -> None
         assert await asyncio.wait_for(call(value), DEADLINE_S) == value * 10
 
 
-async def test_while_a_batch_runs_the_next_collects_everything_queued() -> None:
-    runtime = Runtime()
-    call = dispatcher()(runtime)
+async def queued_behind_a_running_batch(runtime: Runtime, call, queued: int) -> list[int]:
+    """Request 0 runs alone, held, while requests 1 to `queued` queue; then all are answered."""
     runtime.gate.clear()
     first = asyncio.ensure_future(call(0))
     await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
-    queued = [asyncio.ensure_future(call(value)) for value in range(1, 6)]
+    waiting = [asyncio.ensure_future(call(value)) for value in range(1, queued + 1)]
     await asyncio.sleep(0.05)  # the controller sees them queued while the batch runs
     assert runtime.batches == [[0]]
     runtime.gate.set()
-    answers = await asyncio.wait_for(asyncio.gather(first, *queued), DEADLINE_S)
+    return await asyncio.wait_for(asyncio.gather(first, *waiting), DEADLINE_S)
+
+
+async def test_while_a_batch_runs_the_next_collects_everything_queued() -> None:
+    runtime = Runtime()
+    answers = await queued_behind_a_running_batch(runtime, dispatcher()(runtime), 5)
     assert answers == [0, 10, 20, 30, 40, 50]
     assert runtime.batches == [[0], [1, 2, 3, 4, 5]]
 
 
 async def test_a_batch_takes_at_most_max_batch_size() -> None:
     runtime = Runtime()
-    call = dispatcher(max_batch_size=2)(runtime)
-    runtime.gate.clear()
-    first = asyncio.ensure_future(call(0))
-    await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
-    queued = [asyncio.ensure_future(call(value)) for value in range(1, 6)]
-    await asyncio.sleep(0.05)
-    runtime.gate.set()
-    await asyncio.wait_for(asyncio.gather(first, *queued), DEADLINE_S)
+    await queued_behind_a_running_batch(runtime, dispatcher(max_batch_size=2)(runtime), 5)
     assert runtime.batches == [[0], [1, 2], [3, 4], [5]]
 
 
@@ -126,13 +123,7 @@ def refill_dispatcher(hold_s: float) -> RefillDispatcher:
 
 async def four_at_once(runtime: Runtime, call) -> None:
     """A batch of one that runs while four more queue, then those four as one batch."""
-    runtime.gate.clear()
-    first = asyncio.ensure_future(call(0))
-    await asyncio.wait_for(runtime.started.wait(), DEADLINE_S)
-    queued = [asyncio.ensure_future(call(value)) for value in range(1, 5)]
-    await asyncio.sleep(0.05)
-    runtime.gate.set()
-    await asyncio.wait_for(asyncio.gather(first, *queued), DEADLINE_S)
+    await queued_behind_a_running_batch(runtime, call, 4)
     assert runtime.batches == [[0], [1, 2, 3, 4]]
 
 
