@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> None:
     suffix = "-gpu" if args.gpu else ""
     saved = args.out / "bench" / f"results{suffix}.json"
     saved.parent.mkdir(parents=True, exist_ok=True)
+    if not args.levers:  # the levers table last measured stays in the report, with its date
+        results.update(saved_levers(saved))
     # Saved before the levers, so that a failed lever loses none of the measurements above
     # (`--levers-only` measures them again into this file).
     saved.write_text(json.dumps(results, indent=1))
@@ -151,6 +153,18 @@ def run(args: argparse.Namespace) -> None:
         print(f"target {verdict} {name}: {figure}", flush=True)
     print(f"wrote {args.out / f'benchmarks{suffix}.md'}"
           + (" (--quick: a smoke run, not a result)" if args.quick else ""))
+
+
+def saved_levers(path: Path) -> dict:
+    """The levers, profiles and the time they were measured, from a saved results.json (none
+    when there is none): what a run with --no-levers keeps."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if not saved.get("levers"):
+        return {}
+    return {"levers": saved["levers"], "profile": saved.get("profile", {}),
+            "levers_measured": saved.get("levers_measured", saved.get("started"))}
 
 
 def measure_model(key: str, args: argparse.Namespace, settings, workers: int, images: dict,
@@ -196,7 +210,8 @@ def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: 
     route = servers.ROUTES[task]
     with servers.serve(server, tag, model_dir, WORK, overrides, task=task) as running:
         time.sleep(2)  # settled: what the server holds before any request
-        idle_rss_mb = load.rss_mb(running.pid)
+        idle_rss_processes_mb = load.rss_by_process_mb(running.pid)
+        idle_rss_mb = sum(idle_rss_processes_mb)
         print(f"[{key}] {server}: ready in {running.ready_s:.2f}s, idle RSS {idle_rss_mb:.0f} MB",
               flush=True)
         load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type,
@@ -211,10 +226,10 @@ def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: 
                   + (f" ({result.requests - result.ok} not 200)" if result.requests > result.ok
                      else ""), flush=True)
             levels.append(asdict(result))
-        floor = load.floor(running.url, 5) if server == "bentoml" and task == "classification" \
-            else {}
-    return {"ready_s": running.ready_s, "idle_rss_mb": idle_rss_mb, "levels": levels,
-            "floor": floor}
+        floor = (load.floor(running.url, 5, running.pid)
+                 if server == "bentoml" and task == "classification" else {})
+    return {"ready_s": running.ready_s, "idle_rss_mb": idle_rss_mb,
+            "idle_rss_processes_mb": idle_rss_processes_mb, "levels": levels, "floor": floor}
 
 
 def measure_detector(key: str, args: argparse.Namespace, document: dict) -> dict:

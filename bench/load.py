@@ -91,11 +91,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    total = 0
+    return sum(rss_by_process_mb(pid))
+
+
+def rss_by_process_mb(pid: int) -> list[float]:
+    """RSS of `pid` and each process under it, in MB, `pid`'s first: where a server's memory
+    sits (BentoML's main process against its workers)."""
+    sizes = []
     for proc in tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total / 2**20
+            sizes.append(proc.memory_info().rss / 2**20)
+    return sizes
 
 
 def metric_samples(text: str, name: str):
@@ -233,19 +239,24 @@ def wrk_ms(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_plain(url: str, method: str, body: str | None, seconds: int) -> dict[str, float]:
-    """One connection, closed loop, on a route without an upload: answers/s and the p50 (wrk's
-    own p99 for such short requests counts its connection set-up, so it is not kept)."""
+def run_plain(url: str, method: str, body: str | None, seconds: int, pid: int
+              ) -> dict[str, float]:
+    """One connection, closed loop, on a route without an upload: answers/s, the p50 (wrk's
+    own p99 for such short requests counts its connection set-up, so it is not kept) and the
+    server's CPU per answer (`pid`'s process tree), what such a request costs the machine."""
     command = ["wrk", "-t", "1", "-c", "1", "-d", f"{seconds}s", "--latency", "-s",
                str(PLAIN_LUA), url, "--", method, *([body] if body else [])]
+    cpu_before, wall_before = cpu_seconds(pid), time.perf_counter()
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    cpu, wall = cpu_seconds(pid) - cpu_before, time.perf_counter() - wall_before
     p50 = next(line.split()[1] for line in output.splitlines()
                if line.strip().startswith("50%"))
-    rate = next(line.split(":")[1] for line in output.splitlines()
-                if line.startswith("Requests/sec"))
-    return {"throughput": float(rate), "p50_ms": wrk_ms(p50)}
+    rate = float(next(line.split(":")[1] for line in output.splitlines()
+                      if line.startswith("Requests/sec")))
+    return {"throughput": rate, "p50_ms": wrk_ms(p50),
+            "server_core_ms": cpu * 1000 / max(rate * wall, 1.0)}
 
 
-def floor(url: str, seconds: int) -> dict[str, dict[str, float]]:
-    return {name: run_plain(url + path, method, body, seconds)
+def floor(url: str, seconds: int, pid: int) -> dict[str, dict[str, float]]:
+    return {name: run_plain(url + path, method, body, seconds, pid)
             for name, (method, path, body) in FLOOR_ROUTES.items()}

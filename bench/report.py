@@ -115,6 +115,16 @@ def uploads_line(results: dict) -> str:
                                              "multipart/form-data.")
 
 
+def best_peer(entry: dict, concurrency: int) -> tuple[str, dict | None]:
+    """The peer with the most answers/s at `concurrency`, and its level (None: no peer ran)."""
+    theirs = {name: at(run["levels"], concurrency) for name, run in entry["served"].items()
+              if name != "bentoml"}
+    theirs = {name: level for name, level in theirs.items() if level}
+    if not theirs:
+        return "", None
+    return max(theirs.items(), key=lambda item: item[1]["throughput"])
+
+
 def peer_rows(key: str, entry: dict) -> list[tuple[str, str, bool | None]]:
     """Issue 18's goals against the peers on one model: at 64 and 128 connections >= 1.3x the
     best peer's throughput with a p99 at or below its; at 1 and 4 connections a p50 within 10%
@@ -124,14 +134,10 @@ def peer_rows(key: str, entry: dict) -> list[tuple[str, str, bool | None]]:
     if not ours:
         return []
     rows: list[tuple[str, str, bool | None]] = []
-    peers = {name: run for name, run in served.items() if name != "bentoml"}
     for c in (64, 128):
-        level = at(ours["levels"], c)
-        theirs = {name: at(run["levels"], c) for name, run in peers.items()}
-        theirs = {name: lv for name, lv in theirs.items() if lv}
-        if not level or not theirs:
+        level, (name, peer) = at(ours["levels"], c), best_peer(entry, c)
+        if not level or not peer:
             continue
-        name, peer = max(theirs.items(), key=lambda item: item[1]["throughput"])
         ratio = level["throughput"] / peer["throughput"]
         rows.append((f"{key}: c={c} ≥ 1.3x the best peer ({SERVERS.get(name, name)}), p99 at "
                      "or below its",
@@ -179,7 +185,8 @@ def load_rows(key: str, entry: dict, litserve_idle_mb: float | None, on_gpu: boo
                          f"({refused} refused)", share >= 0.90))
     if "idle_rss_mb" in ours and litserve_idle_mb:
         rows.append((f"{key}: idle RSS (all processes) ≤ LitServe's",
-                     f"{ours['idle_rss_mb']:.0f} vs {litserve_idle_mb:.0f} MB",
+                     f"{ours['idle_rss_mb']:.0f} vs {litserve_idle_mb:.0f} MB"
+                     + processes_note(ours.get("idle_rss_processes_mb", [])),
                      ours["idle_rss_mb"] <= litserve_idle_mb))
     level = at(ours["levels"], 128)
     if level:
@@ -188,6 +195,17 @@ def load_rows(key: str, entry: dict, litserve_idle_mb: float | None, on_gpu: boo
                      f"{level['server_rss_mb']:.0f} MB",
                      None if on_gpu else level["server_rss_mb"] <= 600))
     return rows
+
+
+def processes_note(sizes: list[float]) -> str:
+    """" (main process 101 MB, 2 workers 139-140 MB)": where a server's idle memory sits."""
+    if len(sizes) < 2:
+        return ""
+    main, workers = sizes[0], sizes[1:]
+    spread = (f"{min(workers):.0f}-{max(workers):.0f}" if round(min(workers)) != round(max(workers))
+              else f"{workers[0]:.0f}")
+    return (f" (main process {main:.0f} MB, {len(workers)} "
+            f"{'process' if len(workers) == 1 else 'processes'} {spread} MB)")
 
 
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:
@@ -260,6 +278,151 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
                                               " within 5 s of start"),
                      f"{max(ready):.1f} s (slowest model)", None if on_gpu else max(ready) <= 5))
     return rows
+
+
+# --- What bounds each miss, from the run's own measurements -----------------------------------
+
+
+def miss_bounds(results: dict) -> list[str]:
+    """For each goal against a peer that the run missed (1.3x the best peer at 64 and 128
+    connections, FastAPI's p50 at 1 and 4), what the run's own figures say holds it: the
+    runtime's ceiling, the CPU budget of one answer, the runtime's threads, the cost of a
+    request that does no work. None for a GPU run (its goals are the CPU's)."""
+    if results["args"].get("gpu") == "True":
+        return []
+    bounds = []
+    for key, entry in results["models"].items():
+        if is_detector(entry) or "bentoml" not in entry["served"]:
+            continue
+        bounds += [text for c in (64, 128) if (text := peer_bound(key, entry, c, results))]
+        bounds += [text for c in (1, 4) if (text := latency_bound(key, entry, c, results))]
+    return bounds
+
+
+def work_ms(entry: dict, cores: int) -> tuple[float, float]:
+    """Core-ms per image of the runtime at its best batch, and of decoding the upload: what any
+    server for this model spends on an answer."""
+    return cores * 1000 / ceiling_of(entry), entry["decode_ms"][entry.get("upload", "jpeg")]
+
+
+def floor_core_ms(ours: dict) -> tuple[str, float] | None:
+    """The cheapest floor route and its server core-ms per request (results before the floor
+    measured CPU: none)."""
+    costs = [(route, f["server_core_ms"]) for route, f in ours.get("floor", {}).items()
+             if "server_core_ms" in f]
+    return min(costs, key=lambda item: item[1]) if costs else None
+
+
+def peer_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
+    """Why 1.3x the best peer at `c` connections was missed, or None if it was met."""
+    ours, (name, peer) = at(entry["served"]["bentoml"]["levels"], c), best_peer(entry, c)
+    if not ours or not peer:
+        return None
+    goal, who = 1.3 * peer["throughput"], SERVERS[name]
+    if ours["throughput"] >= goal and ours["p99_ms"] <= peer["p99_ms"]:
+        return None
+    head = (f"- **{key}, {c} connections**: 1.3x {who} ({peer['throughput']:.0f} answers/s) is "
+            f"{goal:.0f}/s; this service answered {ours['throughput']:.0f}/s")
+    if ours["throughput"] >= goal:
+        return head + (f", with a p99 of {ours['p99_ms']:.0f} ms against its "
+                       f"{peer['p99_ms']:.0f}: the throughput goal is met, the tail's is not.")
+    cores = results["machine"]["cores"]
+    runtime_ms, decode_ms = work_ms(entry, cores)
+    any_server = cores * 1000 / (runtime_ms + decode_ms)
+    if goal > any_server:
+        return head + (
+            f". No server can answer that on these {cores} cores: the runtime at its best batch "
+            f"({runtime_ms:.2f} core-ms per image) and decoding the upload ({decode_ms:.2f}) "
+            f"allow at most {any_server:.0f}/s, of which {who} answers "
+            f"{peer['throughput'] / any_server:.0%} and this service "
+            f"{ours['throughput'] / any_server:.0%}. What would lift it: more cores, or a GPU "
+            f"(benchmarks-gpu.md).")
+    used = ours["server_cpu_cores"]
+    spent, budget = used * 1000 / ours["throughput"], used * 1000 / goal
+    text = head + (
+        f" on {used:.2f} cores: {spent:.2f} core-ms per answer, where 1.3x allows {budget:.2f} on "
+        f"those cores ({1 - budget / spent:.0%} less; {who} spends "
+        f"{peer['server_cpu_cores'] * 1000 / peer['throughput']:.2f}). The runtime at its best "
+        f"batch and decoding take {runtime_ms + decode_ms:.2f} of the {budget:.2f}")
+    if floor := floor_core_ms(entry["served"]["bentoml"]):
+        route, floor_ms = floor
+        left = budget - runtime_ms - decode_ms - floor_ms
+        text += (f", and a request this service answers without work ({route}) "
+                 f"{floor_ms:.2f} at 1 connection: "
+                 + (f"{left:.2f} core-ms would be left for multipart, validation, admission, "
+                    f"batching, metrics, the request log and the JSON answer" if left > 0 else
+                    "more than the budget before any of the request's own work"))
+    text += "."
+    if profile := profiles_of(results).get(f"{key}, c={c}"):
+        text += " Where a worker's CPU went at this level (py-spy): " + ", ".join(
+            f"{stage} {share:.0%}" for stage, share in profile.items()) + "."
+    return text + (" What would lift it: fewer core-ms per answer around the work"
+                   + (f" (HTTP parsed off the Python event loop, as {who}'s Java front end "
+                      f"does before it hands its Python worker whole batches)"
+                      if name == "torchserve" else "") + ", or more cores.")
+
+
+def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
+    """Why a p50 within 10% of FastAPI's (no batching) at `c` connections was missed, or None
+    if it was met."""
+    ours = at(entry["served"]["bentoml"]["levels"], c)
+    fastapi = entry["served"].get("fastapi")
+    theirs = at(fastapi["levels"], c) if fastapi else None
+    if not ours or not theirs or ours["p50_ms"] <= 1.1 * theirs["p50_ms"]:
+        return None
+    cores, service = results["machine"]["cores"], results["service"]
+    decode_ms = entry["decode_ms"][entry.get("upload", "jpeg")]
+    served_ms = service["workers"] * 1000 / by_batch(entry["runtime_service_threads"], 1)
+    all_cores_ms = 1000 / by_batch(entry["runtime_all_threads"], 1)
+    head = (f"- **{key}, {c} connection{'s' if c > 1 else ''}**: p50 {ours['p50_ms']:.1f} ms "
+            f"against FastAPI's {theirs['p50_ms']:.1f} (10% over is "
+            f"{1.1 * theirs['p50_ms']:.1f})")
+    if c == 1 and served_ms + decode_ms > 1.1 * theirs["p50_ms"]:
+        return head + (
+            f". One image through the runtime as served ({service['intra_op_threads']} thread "
+            f"per worker) takes {served_ms:.1f} ms and decoding it {decode_ms:.2f} ms, already "
+            f"over; FastAPI's runtime spreads the image over every core ({all_cores_ms:.1f} ms). "
+            f"What would lift it: `model.intra_op_threads: {cores}`, at the price the levers "
+            f"table measures under load" + thread_lever(results, key) + ".")
+    if ours["server_cpu_cores"] < 0.75 * min(c, cores):
+        return head + (
+            f". The server used {ours['server_cpu_cores']:.2f} of {cores} cores: keep-alive "
+            f"connections stay on the worker that accepted them, and these {c} landed unevenly. "
+            f"What would lift it: a balancing proxy in front, or more connections.")
+    text = head + (f". One image through the runtime as served and its decoding take "
+                   f"{served_ms + decode_ms:.2f} ms, work FastAPI also does"
+                   + (f" (its runtime on every core: {all_cores_ms:.2f} ms for the image)"
+                      if all_cores_ms < served_ms else ""))
+    floors = entry["served"]["bentoml"].get("floor", {})
+    if floors:
+        text += "; requests that do no work here: " + ", ".join(
+            f"{route} p50 {f['p50_ms']:.2f} ms" for route, f in floors.items())
+    return text + (
+        f". The rest of the {ours['p50_ms'] - theirs['p50_ms']:.2f} ms over FastAPI is what this "
+        f"service's path adds to a request (admission and limits, the request log, metrics, the "
+        f"drift window, the hand-off to a thread for the runtime): the price of those features, "
+        f"not a bound of the machine" + thread_lever(results, key) + ".")
+
+
+def by_batch(rates: dict, size: int) -> float:
+    """Images/s at one batch size (results.json keeps the sizes as strings)."""
+    return rates[str(size)] if str(size) in rates else rates[size]
+
+
+def thread_lever(results: dict, key: str) -> str:
+    """"(2 workers x 2 ORT threads: 46.8/s against 27.3 shipped at c=1, ...)": the levers that
+    give each worker more runtime threads on `key`, each against the shipped layout."""
+    rows = [r for r in results.get("levers", []) if r["model"] == key
+            and "ORT threads" in r["name"] and "spinning" not in r["name"]]
+    shipped = {r["concurrency"]: r["throughput"] for r in results.get("levers", [])
+               if r["model"] == key and r["name"] == "shipped defaults"}
+    main = {level["concurrency"]: level["throughput"] for level in
+            results["models"][key]["served"]["bentoml"]["levels"]}
+    parts = [f"{r['throughput']:.1f}/s against "
+             f"{shipped.get(r['concurrency'], main.get(r['concurrency'], 0)):.1f} shipped at "
+             f"c={r['concurrency']}" for r in rows
+             if r["concurrency"] in shipped or r["concurrency"] in main]
+    return f" (levers, {rows[0]['name']}: " + "; ".join(parts) + ")" if parts else ""
 
 
 def detector_targets(key: str, entry: dict) -> list[tuple[str, str, bool | None]]:
@@ -550,6 +713,11 @@ def write(results: dict, out: Path, suffix: str = "") -> None:
     for name, figure, met in targets(results):
         verdict = "-" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {name} | {figure} | {verdict} |")
+    if bounds := miss_bounds(results):
+        lines += ["", "## What holds each missed goal against a peer", "",
+                  "From this run's own figures: the runtime's ceiling and the decode cost "
+                  "(each model's section), the server's CPU at the level, the floor routes at 1 "
+                  "connection, the profiles and the levers below.", "", *bounds]
     lines += ["", *(f"![{p}](bench/{p})" for p in plots), ""]
     for key, entry in results["models"].items():
         if is_detector(entry):

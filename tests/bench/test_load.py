@@ -4,8 +4,13 @@ bench/prepared.lua for a body built here), read back by the service's own multip
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from typing import Any, ClassVar
 
+import psutil
 import pytest
 from pydantic import BaseModel, ConfigDict
 from starlette.applications import Starlette
@@ -85,3 +90,24 @@ def test_wrk_times_are_read_in_milliseconds() -> None:
     assert load.wrk_ms("2.01s") == pytest.approx(2010.0)
     with pytest.raises(ValueError):
         load.wrk_ms("fast")
+
+
+def test_a_servers_memory_is_listed_per_process_its_own_first() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", CHILD_AND_WAIT], stdout=subprocess.PIPE,
+                              text=True)
+    child_pid = int(parent.stdout.readline())  # the child has started
+    try:
+        sizes = load.rss_by_process_mb(parent.pid)
+        assert len(sizes) == 2 and all(size > 0 for size in sizes)
+        assert sizes[0] == pytest.approx(psutil.Process(parent.pid).memory_info().rss / 2**20,
+                                         rel=0.2)
+        assert load.rss_mb(parent.pid) == pytest.approx(sum(sizes), rel=0.2)
+    finally:
+        for pid in (child_pid, parent.pid):  # ours, by PID
+            os.kill(pid, signal.SIGKILL)
+        parent.wait()
+
+
+# A process with one child: prints the child's PID once it runs.
+CHILD_AND_WAIT = ("import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
+                  "print(child.pid, flush=True); time.sleep(60)")

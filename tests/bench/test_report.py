@@ -82,3 +82,99 @@ def test_a_gpu_run_lists_what_each_change_of_batch_shape_cost() -> None:
     assert report.shape_change_lines({"decode_ms": {}}) == []
     lines = report.shape_change_lines({"shape_changes_ms": [[3, 631.2], [4, 158.0]]})
     assert lines[0].endswith("(size: ms): 3: 631, 4: 158.")
+
+
+def cpu_level(c: int, throughput: float, cores: float, p50: float = 10.0, p99: float = 20.0
+              ) -> dict:
+    return {**level(c, throughput, p50=p50, p99=p99), "server_cpu_cores": cores}
+
+
+def classifier(ours: list[dict], ceiling: float, decode_ms: float, **peers: list[dict]) -> dict:
+    """A classifier's entry: the runtime's best `ceiling` images/s on 2 cores at batch 8,
+    batch 1 at half that; one upload decodes in `decode_ms`."""
+    entry = model(ours, **peers)
+    rates = {"1": ceiling / 2, "8": ceiling}
+    entry.update(runtime_service_threads=rates, runtime_all_threads=rates,
+                 decode_ms={"jpeg-224": decode_ms})
+    return entry
+
+
+def results_of(key: str, entry: dict, levers: list | None = None, profile: dict | None = None
+               ) -> dict:
+    return {"args": {"gpu": "False"}, "machine": {"cores": 2},
+            "service": {"workers": 2, "intra_op_threads": 1}, "models": {key: entry},
+            "levers": levers or [], "profile": profile or {}}
+
+
+def test_a_peer_goal_past_what_any_server_can_answer_is_bound_by_the_runtime() -> None:
+    # 2 cores / (37.7 + 0.3 core-ms per image) = 52.6/s at most; 1.3x the peer's 51 is 66.
+    entry = classifier([cpu_level(64, 49, 1.98)], ceiling=53.0, decode_ms=0.3,
+                       torchserve=[cpu_level(64, 51, 1.9)])
+    bound = report.peer_bound("resnet18", entry, 64, results_of("resnet18", entry))
+    assert "No server can answer that on these 2 cores" in bound
+    assert "at most 53/s" in bound and "TorchServe, batching answers 97%" in bound
+
+
+def test_a_peer_goal_within_reach_gets_its_cpu_budget_per_answer() -> None:
+    entry = classifier([cpu_level(64, 1344, 1.91)], ceiling=6875.0, decode_ms=0.06,
+                       torchserve=[cpu_level(64, 1845, 1.9)])
+    entry["served"]["bentoml"]["floor"] = {
+        "middleware route": {"throughput": 2468, "p50_ms": 0.25, "server_core_ms": 0.20}}
+    profile = {"digits, c=64": {"ONNX Runtime (inference)": 0.18, "multipart parsing": 0.09}}
+    bound = report.peer_bound("digits", entry, 64, results_of("digits", entry, profile=profile))
+    # 1.91 cores x 1000 / 1344 = 1.42 core-ms spent; / (1.3 x 1845) = 0.80 allowed.
+    assert "1.42 core-ms per answer, where 1.3x allows 0.80" in bound
+    assert "take 0.35 of the 0.80" in bound  # 2000 / 6875 + 0.06
+    assert "0.25 core-ms would be left" in bound  # 0.80 - 0.35 - 0.20
+    assert "ONNX Runtime (inference) 18%" in bound and "Java front end" in bound
+
+
+def test_met_peer_goals_need_no_bound_and_a_longer_tail_alone_is_named() -> None:
+    entry = classifier([cpu_level(64, 600, 1.9, p99=100), cpu_level(128, 600, 1.9, p99=400)],
+                       ceiling=900.0, decode_ms=0.2,
+                       torchserve=[cpu_level(64, 400, 1.9, p99=300),
+                                   cpu_level(128, 400, 1.9, p99=300)])
+    results = results_of("light", entry)
+    assert report.peer_bound("light", entry, 64, results) is None
+    assert "the tail's is not" in report.peer_bound("light", entry, 128, results)
+
+
+def test_a_lone_request_slower_than_fastapis_is_explained_by_what_the_run_measured() -> None:
+    # A heavy runtime on one thread per worker: 2 workers x 1000 / 26.5 = 75 ms per image.
+    heavy = classifier([cpu_level(1, 13, 1.0, p50=76.0)], ceiling=53.0, decode_ms=0.3,
+                       fastapi=[cpu_level(1, 47, 2.0, p50=21.0)])
+    levers = [{"model": "heavy", "concurrency": 1, "name": "2 workers x 2 ORT threads",
+               "throughput": 46.8}, {"model": "heavy", "concurrency": 1,
+                                     "name": "shipped defaults", "throughput": 27.3}]
+    bound = report.latency_bound("heavy", heavy, 1, results_of("heavy", heavy, levers))
+    assert "already over" in bound and "`model.intra_op_threads: 2`" in bound
+    assert "46.8/s against 27.3 shipped at c=1" in bound
+    # A light runtime: the difference is the service's own path.
+    light = classifier([cpu_level(1, 700, 1.0, p50=1.4), cpu_level(4, 900, 0.9, p50=5.0)],
+                       ceiling=6800.0, decode_ms=0.06,
+                       fastapi=[cpu_level(1, 970, 1.0, p50=1.0),
+                                cpu_level(4, 1000, 1.0, p50=3.8)])
+    results = results_of("light", light)
+    assert "not a bound of the machine" in report.latency_bound("light", light, 1, results)
+    # Four connections that kept one of two cores busy: they landed on one worker.
+    assert "landed unevenly" in report.latency_bound("light", light, 4, results)
+    fast = classifier([cpu_level(1, 900, 1.0, p50=1.05)], ceiling=6800.0, decode_ms=0.06,
+                      fastapi=[cpu_level(1, 970, 1.0, p50=1.0)])
+    assert report.latency_bound("fast", fast, 1, results_of("fast", fast)) is None
+
+
+def test_a_gpu_run_gets_no_bounds_of_cpu_goals() -> None:
+    entry = classifier([cpu_level(64, 10, 1.0)], ceiling=53.0, decode_ms=0.3,
+                       torchserve=[cpu_level(64, 51, 1.9)])
+    results = results_of("resnet50", entry)
+    assert report.miss_bounds(results)
+    results["args"]["gpu"] = "True"
+    assert report.miss_bounds(results) == []
+
+
+def test_idle_memory_says_where_it_sits() -> None:
+    assert report.processes_note([101.2, 139.6, 140.4]) == (
+        " (main process 101 MB, 2 processes 140 MB)")
+    assert report.processes_note([100.0, 120.0, 140.0]) == (
+        " (main process 100 MB, 2 processes 120-140 MB)")
+    assert report.processes_note([300.0]) == ""
