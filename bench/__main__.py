@@ -342,6 +342,8 @@ EAGER = {"image_classifier": {"batching": {"dispatch": "eager"}}}
 WHOLE_BATCH = {"image_classifier": {"batching": {"runtime_batch_size": 64}}}
 NO_GATE = {"image_classifier": {"limits": {"target_wait_ms": 0}}}
 NO_LANE = {"image_classifier": {"batching": {"fast_lane": False}}}
+# serving/balance.py off: keep-alive connections stay where they were accepted.
+UNBALANCED = {"image_classifier": {"connections": {"balance": False}}}
 # BentoML's OpenTelemetry middleware back (serving/tracing.py leaves it out with no exporter); at
 # sample rate 0 nothing is recorded, as BentoML runs it by default.
 TRACED = {"tracing": {"exporter_type": "in_memory"}}
@@ -413,6 +415,11 @@ LEVERS = [
     # serving/admission.py's gate against none: every request goes in and is decoded at once.
     ("shipped defaults", "resnet18", 256, {}),
     ("no gate (limits.target_wait_ms 0)", "resnet18", 256, NO_GATE),
+    ("no connection balance (connections.balance false)", "mobilenet_v3_small", 4, UNBALANCED),
+    ("no connection balance (connections.balance false)", "mobilenet_v3_small", 64,
+     UNBALANCED),
+    ("no connection balance (connections.balance false)", "resnet18", 4, UNBALANCED),
+    ("no connection balance (connections.balance false)", "digits", 64, UNBALANCED),
 ]
 
 # Where a worker's CPU goes (py-spy), under the shipped configuration: runs of their own, since

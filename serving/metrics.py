@@ -52,6 +52,33 @@ def model_info() -> Gauge:
 
 
 @functools.cache
+def worker_connections() -> Gauge:
+    from prometheus_client import Gauge
+
+    return Gauge(
+        "worker_connections",
+        "Active connections each worker holds (serving/balance.py): a request under way, or one "
+        "answered in the last 2 s; one series per worker process.",
+        labelnames=["service"],
+        namespace=NAMESPACE,
+        multiprocess_mode="liveall",
+    )
+
+
+@functools.cache
+def connections_rebalanced() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "connections_rebalanced",
+        "Answers sent with `Connection: close` by a worker that held more than its share of "
+        "the service's active connections (serving/balance.py), so that the client reconnects.",
+        labelnames=["service"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
 def admission_gate() -> Gauge:
     from prometheus_client import Gauge
 

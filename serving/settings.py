@@ -359,6 +359,15 @@ class RateLimitSettings(_Section):
         return self
 
 
+class ConnectionSettings(_Section):
+    balance: bool = Field(
+        default=True,
+        description="A worker holding more than its share of the service's active connections "
+        "answers some with `Connection: close`, so that their clients reconnect, most often to "
+        "a less busy worker (serving/balance.py). Keep-alive connections otherwise stay with "
+        "whichever worker accepted them. No effect with one worker.")
+
+
 class ResponseSettings(_Section):
     top_k: int = Field(default=3, ge=1, description="Classes listed per image in `top_k`.")
 
@@ -372,6 +381,7 @@ class SharedSettings(_Section):
     security: SecuritySettings = SecuritySettings()
     request_log: RequestLogSettings = RequestLogSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    connections: ConnectionSettings = ConnectionSettings()
     # Which service these are: set by parse_settings, read by error messages and defaults.
     _where: ServiceSection = PrivateAttr(default=CLASSIFIER)
 

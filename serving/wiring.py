@@ -12,6 +12,7 @@ import bentoml
 from . import batcher, tracing
 from .admission import Admission, admission_routes, job_routes, quiet_client_error_tracebacks
 from .asgi import PathAliases
+from .balance import ConnectionBalance
 from .fast_lane import FastLane
 from .inference_protocol import (
     ProtocolModel,
@@ -22,7 +23,7 @@ from .inference_protocol import (
 )
 from .inputs import how_to_send
 from .openapi import described_service
-from .rate_limit import install_rate_limit
+from .rate_limit import install_rate_limit, worker_count
 from .request_log import RequestLog
 from .settings import LimitsSettings, ServiceSettings, SharedSettings
 from .uploads import install_parsers
@@ -76,8 +77,12 @@ def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
     routes = admission_routes(
         service.apis, how_to_send,
         lambda api: PROTOCOL_MEDIA_TYPES if declared_protocol(api.input_spec) else ())
-    # Added first, so outermost: paths that are other paths, then the protocol's paths and
-    # error shape, around everything.
+    # Added first, so outermost: the connection balance (it sees every request on every
+    # connection), paths that are other paths, then the protocol's paths and error shape,
+    # around everything.
+    if settings.connections.balance:
+        service.add_asgi_middleware(ConnectionBalance, service=service.name,
+                                    workers=worker_count(service.config))
     if aliases:
         service.add_asgi_middleware(PathAliases, aliases=aliases)
     service.add_asgi_middleware(ProtocolPaths, models=protocols)

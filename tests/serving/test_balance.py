@@ -1,0 +1,151 @@
+"""serving/balance.py: the share each worker may hold, the count of active connections, the
+board the workers share, and the middleware's `Connection: close` on a worker over its share.
+tests/test_balance.py runs it in a real two-worker server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bentoml._internal.context import server_context
+
+from serving import balance
+from serving.balance import Board, ConnectionBalance, ConnectionTracker, closes_allowed
+from tests.helpers import call_asgi, http_scope
+
+
+@pytest.mark.parametrize(("mine", "counts", "allowed"), [
+    (64, [64, 0], 16),      # all on one worker: half its excess over 32
+    (40, [40, 24], 4),      # 8 over the share
+    (33, [33, 31], 1),
+    (32, [32, 32], 0),      # balanced
+    (3, [3, 1], 1),         # four connections: 3 / 1 becomes 2 / 2
+    (3, [3, 2], 0),         # five: 3 is the share rounded up
+    (1, [1, 0], 0),         # one connection stays where it is
+    (0, [0, 0], 0),
+    (30, [30, 10, 10, 10], 8),  # four workers, share 15
+])
+def test_a_worker_may_close_half_its_excess_over_the_even_share(
+        mine: int, counts: list[int], allowed: int) -> None:
+    assert closes_allowed(mine, counts) == allowed
+
+
+def test_a_connection_counts_while_a_request_runs_and_for_a_while_after() -> None:
+    tracker = ConnectionTracker()
+    tracker.started(("127.0.0.1", 5000))
+    tracker.started(("127.0.0.1", 5001))
+    tracker.started(("127.0.0.1", 5001))  # a second request under way on one connection
+    assert tracker.count(now=0.0) == 2
+    tracker.finished(("127.0.0.1", 5001), closing=False)
+    assert tracker.count(now=0.0) == 2, "one of its requests still runs"
+    tracker.finished(("127.0.0.1", 5001), closing=False)
+    tracker.finished(("127.0.0.1", 5000), closing=True)  # asked to close: gone at once
+    answered = tracker.idle_since[("127.0.0.1", 5001)]
+    assert tracker.count(answered + balance.IDLE_S / 2) == 1
+    assert tracker.count(answered + balance.IDLE_S * 2) == 0, "idle too long: not counted"
+
+
+def test_workers_see_each_others_counts_and_not_those_of_ended_processes(tmp_path: Path
+                                                                         ) -> None:
+    path = tmp_path / "connections.slots"
+    first, second = Board(path, 1), Board(path, 2)
+    first.publish(5)
+    second.publish(3)
+    assert sorted(first.counts()) == sorted(second.counts()) == [3, 5]
+    gone = Board(path, 3)
+    gone.pid = ended_pid()
+    gone.publish(40)
+    assert sorted(first.counts()) == [3, 5], "an ended worker's slot is not counted"
+    with pytest.raises(ValueError, match="outside"):
+        Board(path, balance.MAX_WORKERS + 1)
+
+
+def ended_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def _answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def request(client_port: int, http_version: str = "1.1") -> dict[str, Any]:
+    return {**http_scope("/classify"), "client": ("127.0.0.1", client_port),
+            "http_version": http_version}
+
+
+@pytest.fixture
+def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The middleware as worker 1 of 2, its board in a temporary metrics directory; the other
+    worker's slot, to fill in."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(server_context, "worker_index", 1)
+    middleware = ConnectionBalance(_answer, service="Test", workers=2)
+    yield middleware, Board(balance.board_path(str(tmp_path), "Test"), 2)
+    middleware.stop()
+
+
+def test_a_worker_over_its_share_asks_a_client_to_reconnect(worker) -> None:
+    middleware, other = worker
+
+    async def scenario() -> list[dict[str, str]]:
+        for port in (5000, 5001, 5002):  # three connections here
+            await call_asgi(middleware, request(port))
+        other.publish(1)  # one on the other worker: the share is 2
+        middleware.refresh()
+        answers = [await call_asgi(middleware, request(5000)),
+                   await call_asgi(middleware, request(5001))]
+        middleware.refresh()
+        return [a.headers for a in answers]
+
+    first, second = asyncio.run(scenario())
+    assert first.get("connection") == "close", "one over the share: its next answer closes"
+    assert "connection" not in second, "2 here (the closed one left), 1 there: balanced"
+    assert middleware.board is not None and sorted(middleware.board.counts()) == [1, 2]
+
+
+def test_a_balanced_worker_and_an_http_1_0_client_are_left_alone(worker) -> None:
+    middleware, other = worker
+
+    async def scenario() -> list[dict[str, str]]:
+        for port in (5000, 5001):
+            await call_asgi(middleware, request(port))
+        other.publish(2)
+        middleware.refresh()
+        balanced = await call_asgi(middleware, request(5000))
+        other.publish(0)
+        middleware.refresh()  # 2 / 0: one may close
+        old_client = await call_asgi(middleware, request(5001, http_version="1.0"))
+        return [balanced.headers, old_client.headers]
+
+    balanced, old_client = asyncio.run(scenario())
+    assert "connection" not in balanced
+    assert "connection" not in old_client, "HTTP/1.0 closes anyway; its answer is unchanged"
+    assert middleware.allowed == 1
+
+
+def test_one_worker_or_no_server_means_nothing_to_balance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(server_context, "worker_index", 1)
+    alone = ConnectionBalance(_answer, service="Test", workers=1)
+    assert asyncio.run(call_asgi(alone, request(5000))).status == 200
+    assert alone.board is None and not list(tmp_path.iterdir())
+    monkeypatch.setattr(server_context, "worker_index", None)  # imported, not served
+    imported = ConnectionBalance(_answer, service="Test", workers=2)
+    assert asyncio.run(call_asgi(imported, request(5000))).status == 200
+    assert imported.board is None and not imported.enabled
+
+
+def test_the_board_is_named_by_the_serving_process_and_the_service(tmp_path: Path) -> None:
+    path = balance.board_path(str(tmp_path), "ImageClassifier")
+    assert path.parent == tmp_path
+    assert path.name == f"connections-{os.getppid()}-ImageClassifier.slots"
+    assert not path.name.endswith(".db"), "Prometheus reads every .db file in that directory"
