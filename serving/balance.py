@@ -11,11 +11,14 @@ worker (docs/performance.md, round 8). Nothing in BentoML or uvicorn rebalances 
 How: each worker counts its active connections (a request under way, or one answered in the last
 IDLE_S seconds) and publishes the count in its slot of a small file shared by the service's
 workers (`Board`). Every REFRESH_S a thread reads the other slots; a worker holding more than the
-even share (rounded up) may close about half its excess: the next answers it sends carry
+even share (rounded up), with more requests under way than that, may close about half its
+excess: the next answers it sends carry
 `Connection: close`, and uvicorn closes each connection after that answer. Nothing is refused or
 lost: the answer is whole, and an HTTP/1.1 client opens a new connection for its next request.
 The new connection is accepted by whichever worker gets to it first, most often the less busy
-one; the counts correct any that come back. A balanced service closes nothing.
+one; the counts correct any that come back. A balanced service closes nothing, and neither does
+one that keeps up: with one request at a time in the whole server, the worker that just answered
+is the one awake to accept the reconnection, so a close would move nothing.
 
 Answers to balanced-away connections are counted in
 `image_classifier_connections_rebalanced_total`; a worker's active connections are
@@ -88,13 +91,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def closes_allowed(mine: int, counts: list[int]) -> int:
+def closes_allowed(mine: int, in_flight: int, counts: list[int]) -> int:
     """How many of its connections a worker holding `mine` of `counts` may close before the
     next refresh: half its excess over the even share rounded up (the reconnections land
-    anywhere, so a full correction would overshoot), none when it holds no more than that."""
+    anywhere, so a full correction would overshoot). None when it holds no more than that, or
+    when fewer than that many of its requests are under way (`in_flight`): a worker that keeps
+    up gains nothing from a move, and a connection closed by a worker that is not busy is most
+    often accepted again by the same worker."""
     share = math.ceil(sum(counts) / max(len(counts), 1))
     excess = mine - share
-    return (excess + 1) // 2 if excess > 0 else 0
+    return (excess + 1) // 2 if excess > 0 and in_flight > share else 0
 
 
 class ConnectionTracker:
@@ -166,10 +172,10 @@ class ConnectionBalance:
         """Publish this worker's count; read the others'; set how many may close."""
         assert self.board is not None
         with self._lock:
-            mine = self.tracker.count(time.monotonic())
+            mine, in_flight = self.tracker.count(time.monotonic()), len(self.tracker.busy)
         self.board.publish(mine)
         worker_connections().labels(service=self.service).set(mine)
-        self.allowed = closes_allowed(mine, self.board.counts())
+        self.allowed = closes_allowed(mine, in_flight, self.board.counts())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")

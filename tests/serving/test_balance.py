@@ -29,9 +29,17 @@ from tests.helpers import call_asgi, http_scope
     (0, [0, 0], 0),
     (30, [30, 10, 10, 10], 8),  # four workers, share 15
 ])
-def test_a_worker_may_close_half_its_excess_over_the_even_share(
+def test_a_busy_worker_may_close_half_its_excess_over_the_even_share(
         mine: int, counts: list[int], allowed: int) -> None:
-    assert closes_allowed(mine, counts) == allowed
+    assert closes_allowed(mine, in_flight=mine, counts=counts) == allowed
+
+
+def test_a_worker_that_keeps_up_closes_nothing() -> None:
+    """All 64 connections here but no more requests under way than the share: moving them
+    would gain nothing."""
+    assert closes_allowed(64, in_flight=32, counts=[64, 0]) == 0
+    assert closes_allowed(64, in_flight=1, counts=[64, 0]) == 0
+    assert closes_allowed(64, in_flight=33, counts=[64, 0]) == 16
 
 
 def test_a_connection_counts_while_a_request_runs_and_for_a_while_after() -> None:
@@ -76,59 +84,79 @@ async def _answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
+class HeldApp:
+    """An app whose answers wait until `release`: requests stay under way meanwhile."""
+
+    def __init__(self) -> None:
+        self.released: asyncio.Event | None = None  # one per event loop (answers_when_released)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert self.released is not None
+        await self.released.wait()
+        await _answer(scope, receive, send)
+
+
 def request(client_port: int, http_version: str = "1.1") -> dict[str, Any]:
     return {**http_scope("/classify"), "client": ("127.0.0.1", client_port),
             "http_version": http_version}
 
 
+async def answers_when_released(middleware: ConnectionBalance, app: HeldApp,
+                                requests: list[dict[str, Any]], meanwhile: Any
+                                ) -> list[dict[str, str]]:
+    """The answers' headers to `requests`, sent at once and held until `meanwhile()` ran."""
+    app.released = asyncio.Event()
+    calls = [asyncio.create_task(call_asgi(middleware, r)) for r in requests]
+    await asyncio.sleep(0)  # each is under way, waiting for the app
+    meanwhile()
+    app.released.set()
+    return [answer.headers for answer in await asyncio.gather(*calls)]
+
+
 @pytest.fixture
 def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The middleware as worker 1 of 2, its board in a temporary metrics directory; the other
-    worker's slot, to fill in."""
+    """The middleware as worker 1 of 2 over a held app, its board in a temporary metrics
+    directory; the other worker's slot, to fill in."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(server_context, "worker_index", 1)
-    middleware = ConnectionBalance(_answer, service="Test", workers=2)
-    yield middleware, Board(balance.board_path(str(tmp_path), "Test"), 2)
+    app = HeldApp()
+    middleware = ConnectionBalance(app, service="Test", workers=2)
+    yield middleware, app, Board(balance.board_path(str(tmp_path), "Test"), 2)
     middleware.stop()
 
 
-def test_a_worker_over_its_share_asks_a_client_to_reconnect(worker) -> None:
-    middleware, other = worker
+def test_a_busy_worker_over_its_share_asks_one_client_to_reconnect(worker) -> None:
+    middleware, app, other = worker
 
-    async def scenario() -> list[dict[str, str]]:
-        for port in (5000, 5001, 5002):  # three connections here
-            await call_asgi(middleware, request(port))
-        other.publish(1)  # one on the other worker: the share is 2
+    def one_connection_there() -> None:
+        other.publish(1)  # 3 here, all under way, 1 there: the share is 2
         middleware.refresh()
-        answers = [await call_asgi(middleware, request(5000)),
-                   await call_asgi(middleware, request(5001))]
-        middleware.refresh()
-        return [a.headers for a in answers]
 
-    first, second = asyncio.run(scenario())
-    assert first.get("connection") == "close", "one over the share: its next answer closes"
-    assert "connection" not in second, "2 here (the closed one left), 1 there: balanced"
+    answers = asyncio.run(answers_when_released(
+        middleware, app, [request(port) for port in (5000, 5001, 5002)], one_connection_there))
+    assert [a.get("connection") for a in answers].count("close") == 1
+    middleware.refresh()
+    assert middleware.allowed == 0, "2 here (the closed one left), 1 there: balanced"
     assert middleware.board is not None and sorted(middleware.board.counts()) == [1, 2]
 
 
 def test_a_balanced_worker_and_an_http_1_0_client_are_left_alone(worker) -> None:
-    middleware, other = worker
+    middleware, app, other = worker
 
-    async def scenario() -> list[dict[str, str]]:
-        for port in (5000, 5001):
-            await call_asgi(middleware, request(port))
-        other.publish(2)
-        middleware.refresh()
-        balanced = await call_asgi(middleware, request(5000))
-        other.publish(0)
-        middleware.refresh()  # 2 / 0: one may close
-        old_client = await call_asgi(middleware, request(5001, http_version="1.0"))
-        return [balanced.headers, old_client.headers]
+    def as_many_there(count: int) -> Any:
+        def publish() -> None:
+            other.publish(count)
+            middleware.refresh()
+        return publish
 
-    balanced, old_client = asyncio.run(scenario())
-    assert "connection" not in balanced
-    assert "connection" not in old_client, "HTTP/1.0 closes anyway; its answer is unchanged"
-    assert middleware.allowed == 1
+    balanced = asyncio.run(answers_when_released(
+        middleware, app, [request(5000), request(5001)], as_many_there(2)))
+    assert all("connection" not in a for a in balanced)
+    old_clients = asyncio.run(answers_when_released(
+        middleware, app, [request(port, "1.0") for port in (5002, 5003, 5004, 5005)],
+        as_many_there(0)))
+    assert all("connection" not in a for a in old_clients), "HTTP/1.0 closes anyway"
+    assert middleware.allowed > 0, "closes were allowed, none was used on HTTP/1.0"
 
 
 def test_one_worker_or_no_server_means_nothing_to_balance(
