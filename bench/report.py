@@ -198,7 +198,8 @@ def load_rows(key: str, entry: dict, litserve_idle_mb: float | None, on_gpu: boo
 
 
 def processes_note(sizes: list[float]) -> str:
-    """" (main process 101 MB, 2 workers 139-140 MB)": where a server's idle memory sits."""
+    """" (main process 101 MB, 2 processes 139-140 MB)": where a server's idle memory sits
+    (for this service: BentoML's main process, then its workers)."""
     if len(sizes) < 2:
         return ""
     main, workers = sizes[0], sizes[1:]
@@ -347,7 +348,7 @@ def peer_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
     if floor := floor_core_ms(entry["served"]["bentoml"]):
         route, floor_ms = floor
         left = budget - runtime_ms - decode_ms - floor_ms
-        text += (f", and a request this service answers without work ({route}) "
+        text += (f", and a request this service answers without work, the {route}, "
                  f"{floor_ms:.2f} at 1 connection: "
                  + (f"{left:.2f} core-ms would be left for multipart, validation, admission, "
                     f"batching, metrics, the request log and the JSON answer" if left > 0 else
@@ -357,8 +358,8 @@ def peer_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
         text += " Where a worker's CPU went at this level (py-spy): " + ", ".join(
             f"{stage} {share:.0%}" for stage, share in profile.items()) + "."
     return text + (" What would lift it: fewer core-ms per answer around the work"
-                   + (f" (HTTP parsed off the Python event loop, as {who}'s Java front end "
-                      f"does before it hands its Python worker whole batches)"
+                   + (" (HTTP parsed off the Python event loop, as TorchServe's Java front "
+                      "end does before it hands its Python worker whole batches)"
                       if name == "torchserve" else "") + ", or more cores.")
 
 
@@ -388,7 +389,8 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
         return head + (
             f". The server used {ours['server_cpu_cores']:.2f} of {cores} cores: keep-alive "
             f"connections stay on the worker that accepted them, and these {c} landed unevenly. "
-            f"What would lift it: a balancing proxy in front, or more connections.")
+            f"What would lift it: `connections.balance` (serving/balance.py), which moves "
+            f"connections off a busy worker over its share.")
     text = head + (f". One image through the runtime as served and its decoding take "
                    f"{served_ms + decode_ms:.2f} ms, work FastAPI also does"
                    + (f" (its runtime on every core: {all_cores_ms:.2f} ms for the image)"
@@ -410,8 +412,9 @@ def by_batch(rates: dict, size: int) -> float:
 
 
 def thread_lever(results: dict, key: str) -> str:
-    """"(2 workers x 2 ORT threads: 46.8/s against 27.3 shipped at c=1, ...)": the levers that
-    give each worker more runtime threads on `key`, each against the shipped layout."""
+    """" (levers, 2 workers x 2 ORT threads: 46.8/s against 27.3 shipped at c=1; ...)": the
+    levers that give each worker more runtime threads on `key`, each against the shipped
+    layout (the levers' own start of it, else the main table's)."""
     rows = [r for r in results.get("levers", []) if r["model"] == key
             and "ORT threads" in r["name"] and "spinning" not in r["name"]]
     shipped = {r["concurrency"]: r["throughput"] for r in results.get("levers", [])
@@ -659,7 +662,10 @@ def run_options(args: dict[str, str]) -> str:
                      f"--concurrency {listed(args['concurrency'])}",
                      f"--duration {args['duration']}",
                      f"--ceiling-seconds {args['ceiling_seconds']}",
-                     f"--config {Path(args['config']).name}"])
+                     f"--config {Path(args['config']).name}",
+                     # A part left out keeps its last measurement, which says when it was taken.
+                     *(["--no-levers"] if args.get("levers") == "False" else []),
+                     *(["--no-curves"] if args.get("curves") == "False" else [])])
 
 
 # Bench model kinds (bench/assets.py) that are trained as shipped, not exported with random weights.

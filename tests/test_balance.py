@@ -90,7 +90,8 @@ def test_keep_alive_connections_end_up_spread_over_the_workers(two_workers) -> N
     assert max(sockets) - min(sockets) <= 2, (
         f"{CONNECTIONS} connections over {WORKERS} workers: {sockets} "
         f"({asked_to_close} answers asked their client to reconnect)")
-    assert sorted(held.values())[-1] - sorted(held.values())[0] <= 2 and len(held) == WORKERS, (
+    # The workers' own count may include the connection of the /metrics request that reads it.
+    assert len(held) == WORKERS and max(held.values()) - min(held.values()) <= 3, (
         f"what the workers count: {held}")
 
 

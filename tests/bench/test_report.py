@@ -67,6 +67,8 @@ def test_the_report_names_the_options_of_its_run() -> None:
     assert report.run_options(args) == (
         "--gpu --models resnet50 --servers bentoml --concurrency 1 4 --duration 5 "
         "--ceiling-seconds 1.0 --config configuration.gpu.yaml")
+    partial = {**args, "gpu": "False", "levers": "True", "curves": "False"}
+    assert report.run_options(partial).endswith("--config configuration.gpu.yaml --no-curves")
 
 
 def test_profiles_are_tabled_by_run_and_older_results_still_read() -> None:
