@@ -372,7 +372,7 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
     if not ours or not theirs or ours["p50_ms"] <= 1.1 * theirs["p50_ms"]:
         return None
     cores, service = results["machine"]["cores"], results["service"]
-    decode_ms = entry["decode_ms"][entry.get("upload", "jpeg")]
+    decode_ms = work_ms(entry, cores)[1]
     served_ms = service["workers"] * 1000 / by_batch(entry["runtime_service_threads"], 1)
     all_cores_ms = 1000 / by_batch(entry["runtime_all_threads"], 1)
     head = (f"- **{key}, {c} connection{'s' if c > 1 else ''}**: p50 {ours['p50_ms']:.1f} ms "
@@ -496,9 +496,8 @@ def analysis(results: dict) -> str:
             continue
         ceiling = ceiling_of(entry)
         as_served = max(entry["runtime_service_threads"].values())
-        runtime_ms = cores * 1000 / ceiling
+        runtime_ms, decode_ms = work_ms(entry, cores)
         upload = entry.get("upload", "jpeg")  # results before per-model uploads: the 640x480
-        decode_ms = entry["decode_ms"][upload]
         bound = cores * 1000 / (runtime_ms + decode_ms)
         peak = best(entry["served"]["bentoml"]["levels"])
         spent = peak["server_cpu_cores"] * 1000 / peak["throughput"]
