@@ -52,11 +52,30 @@ def as_service(cls: type, *, settings: SharedSettings, bentoml_config: dict[str,
     api_key = settings.api_key()
     # With a key, the OpenAPI spec declares it, so that the Swagger UI offers "Authorize".
     secured_except = settings.security.public_paths if api_key else None
+    described = described_service(description_file, version, secured_except, protocols)
     service: bentoml.Service[Any] = bentoml.service(
-        service_class=described_service(description_file, version, secured_except, protocols),
+        service_class=patched_when_built(described, settings.batching_dispatch),
         **bentoml_config)(cls)
     install_middlewares(service, settings, api_key, protocols, route_limits, aliases, inner)
     return service
+
+
+def patched_when_built(base: type[bentoml.Service[Any]],
+                       dispatch: str) -> type[bentoml.Service[Any]]:
+    """`base`, whose ASGI app is built with the project's changes to BentoML's service app:
+    serving/batcher.py's dispatcher (batching.dispatch) and serving/tracing.py's idle tracing left
+    out. They are made when a worker builds its app (Service.to_asgi), not when the service
+    module is imported: importing BentoML's service app (_bentoml_impl.server.app, with aiohttp)
+    costs 16 MB, and `bentoml serve`'s main process, which imports the service only to read its
+    configuration and start the workers, never builds one (idle RSS, docs/performance.md)."""
+
+    class PatchedWhenBuilt(base):  # type: ignore[misc]  # untyped in BentoML
+        def to_asgi(self, is_main: bool = True) -> Any:
+            batcher.install(dispatch)
+            tracing.install()
+            return super().to_asgi(is_main)
+
+    return PatchedWhenBuilt
 
 
 # What the Open Inference Protocol's infer route takes besides JSON: the binary extension, sent
@@ -69,8 +88,6 @@ def install_middlewares(service: bentoml.Service[Any], settings: SharedSettings,
                         route_limits: dict[str, tuple[LimitsSettings, str]] | None = None,
                         aliases: dict[str, str] | None = None,
                         inner: Sequence[tuple[type, dict[str, Any]]] = ()) -> None:
-    batcher.install(settings.batching_dispatch)
-    tracing.install()
     install_parsers()
     install_parser()
     quiet_client_error_tracebacks()

@@ -20,6 +20,10 @@ BLOCK_TRAINING_STACK = (
 )
 
 
+# BentoML's app for a service's routes (with aiohttp): imported by the worker that builds it.
+SERVICE_APP = "_bentoml_impl.server.app"
+
+
 def modules_loaded_by(service: str) -> set[str]:
     """The modules a fresh process has loaded once it imported `service` from service.py (which
     reads the service's model from the store)."""
@@ -35,6 +39,8 @@ def test_importing_the_classifier_loads_no_training_module(trained_model: str) -
     assert "serving.deployment" in loaded, "the service read its model from the store"
     assert "onnxruntime" not in loaded, \
         "ONNX Runtime waits for a worker: BentoML's supervisor imports the service module too"
+    assert SERVICE_APP not in loaded, \
+        "BentoML's service app waits for a worker (serving/wiring.py patched_when_built)"
 
 
 def test_importing_the_detector_loads_no_training_module(trained_detector: str) -> None:
@@ -43,6 +49,30 @@ def test_importing_the_detector_loads_no_training_module(trained_detector: str) 
     assert "serving.deployment" in loaded, "the service read its model from the store"
     assert "onnxruntime" not in loaded, \
         "ONNX Runtime waits for a worker: BentoML's supervisor imports the service module too"
+    assert SERVICE_APP not in loaded, \
+        "BentoML's service app waits for a worker (serving/wiring.py patched_when_built)"
+
+
+def test_a_built_app_has_the_projects_dispatcher_and_no_idle_tracing(trained_model: str) -> None:
+    """What importing the service defers (BentoML's service app, 16 MB in `bentoml serve`'s
+    main process) is done when a worker builds its app: the dispatcher batching.dispatch names
+    and the middleware list without OpenTelemetry's."""
+    script = (
+        "import sys\n"
+        "from service import ImageClassifier\n"
+        f"assert {SERVICE_APP!r} not in sys.modules\n"
+        "ImageClassifier.to_asgi()\n"
+        "from _bentoml_impl.server import app\n"
+        "from serving import batcher\n"
+        "import classifier_service\n"
+        "dispatch = classifier_service.SETTINGS.batching_dispatch\n"
+        "built = app.CorkDispatcher\n"
+        "assert built is batcher.DISPATCHERS[dispatch], (dispatch, built)\n"
+        "assert app.ServiceAppFactory.middlewares.fget.idle_tracing_left_out\n"
+        "print('patched', dispatch)\n")
+    result = python("-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["patched", "refill"], result.stdout
 
 
 def test_stored_model_predicts_where_torch_cannot_be_imported(trained_model: str,
