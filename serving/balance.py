@@ -11,8 +11,8 @@ worker (docs/performance.md, round 8). Nothing in BentoML or uvicorn rebalances 
 How: each worker counts its active connections (a request under way, or one answered in the last
 IDLE_S seconds) and publishes the count in its slot of a small file shared by the service's
 workers (`Board`). Every REFRESH_S a thread reads the other slots; a worker holding more than the
-even share (rounded up), with more requests under way than that, may close about half its
-excess: the next answers it sends carry
+even share (rounded up) that is busy (more requests under way than that share, or a whole core's
+CPU time since the last refresh) may close about half its excess: the next answers it sends carry
 `Connection: close`, and uvicorn closes each connection after that answer. Nothing is refused or
 lost: the answer is whole, and an HTTP/1.1 client opens a new connection for its next request.
 The new connection is accepted by whichever worker gets to it first, most often the less busy
@@ -44,6 +44,12 @@ from .metrics import connections_rebalanced, worker_connections
 IDLE_S = 2.0
 # How often a worker publishes its count and reads the others'.
 REFRESH_S = 0.2
+# A worker that used this much of one core's time since its last refresh is busy, whatever it
+# has under way: one that answers a light model in its event loop (serving/fast_lane.py) takes
+# its connections' requests one after another, so it rarely has more than one under way even
+# when it holds all of them and the other worker idles (digits at 4 connections, 1.00 of 2 cores
+# in docs/benchmarks.md, round 9).
+SATURATED = 0.9
 # Slots in the shared file: workers of one service, indexed by BentoML's worker_index (1-based).
 MAX_WORKERS = 1024
 SLOT = struct.Struct("<qq")  # pid, active connections
@@ -91,16 +97,18 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def closes_allowed(mine: int, in_flight: int, counts: list[int]) -> int:
+def closes_allowed(mine: int, in_flight: int, counts: list[int], saturated: bool = False) -> int:
     """How many of its connections a worker holding `mine` of `counts` may close before the
     next refresh: half its excess over the even share rounded up (the reconnections land
     anywhere, so a full correction would overshoot). None when it holds no more than that, or
-    when fewer than that many of its requests are under way (`in_flight`): a worker that keeps
-    up gains nothing from a move, and a connection closed by a worker that is not busy is most
-    often accepted again by the same worker."""
+    when it is not busy: no more of its requests under way (`in_flight`) than that share, and
+    not `saturated` (a core's CPU time since the last refresh). A worker that keeps up gains
+    nothing from a move, and a connection closed by a worker that is not busy is most often
+    accepted again by the same worker."""
     share = math.ceil(sum(counts) / max(len(counts), 1))
     excess = mine - share
-    return (excess + 1) // 2 if excess > 0 and in_flight > share else 0
+    busy = in_flight > share or saturated
+    return (excess + 1) // 2 if excess > 0 and busy else 0
 
 
 class ConnectionTracker:
@@ -144,6 +152,7 @@ class ConnectionBalance:
         self.board: Board | None = None
         self._lock = threading.Lock()  # the tracker, between the event loop and the thread
         self._stopped = threading.Event()
+        self._cpu_at = (time.monotonic(), time.process_time())  # at the last refresh
 
     def _start(self) -> None:
         """On the first request, in the worker (the middleware is also built where the service
@@ -175,7 +184,14 @@ class ConnectionBalance:
             mine, in_flight = self.tracker.count(time.monotonic()), len(self.tracker.busy)
         self.board.publish(mine)
         worker_connections().labels(service=self.service).set(mine)
-        self.allowed = closes_allowed(mine, in_flight, self.board.counts())
+        self.allowed = closes_allowed(mine, in_flight, self.board.counts(), self._saturated())
+
+    def _saturated(self) -> bool:
+        """Whether this process used SATURATED of a core since the last refresh (all its
+        threads: the event loop's and the runtime's)."""
+        wall, cpu = time.monotonic(), time.process_time()
+        (wall_before, cpu_before), self._cpu_at = self._cpu_at, (wall, cpu)
+        return cpu - cpu_before >= SATURATED * (wall - wall_before)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")

@@ -42,6 +42,39 @@ def test_a_worker_that_keeps_up_closes_nothing() -> None:
     assert closes_allowed(64, in_flight=33, counts=[64, 0]) == 16
 
 
+@pytest.mark.parametrize(("mine", "counts", "allowed"), [
+    (4, [4, 0], 1),  # four connections answered one after another in one busy event loop
+    (2, [2, 0], 1),
+    (1, [1, 0], 0),  # one connection stays where it is
+    (2, [2, 2], 0),  # balanced
+])
+def test_a_worker_using_a_whole_core_is_busy_with_one_request_under_way(
+        mine: int, counts: list[int], allowed: int) -> None:
+    """A light model answered in the event loop (serving/fast_lane.py): its connections'
+    requests run one after another, so one is under way at a time, yet the worker is full."""
+    assert closes_allowed(mine, in_flight=1, counts=counts, saturated=True) == allowed
+    assert closes_allowed(mine, in_flight=1, counts=counts, saturated=False) == 0
+
+
+def test_saturated_is_a_cores_cpu_time_since_the_last_refresh(
+        worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    middleware, _, _ = worker
+    clock = {"wall": 100.0, "cpu": 5.0}
+    monkeypatch.setattr(balance.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(balance.time, "process_time", lambda: clock["cpu"])
+    middleware._cpu_at = (clock["wall"], clock["cpu"])
+
+    def after(wall_s: float, cpu_s: float) -> bool:
+        clock["wall"] += wall_s
+        clock["cpu"] += cpu_s
+        return middleware._saturated()
+
+    assert after(0.2, 0.19) is True, "0.95 of a core"
+    assert after(0.2, 0.02) is False, "0.1 of a core"
+    assert after(0.2, 0.35) is True, "two threads: the event loop's and the runtime's"
+    assert after(0.4, 0.3) is False, "0.75 of a core"
+
+
 def test_a_connection_counts_while_a_request_runs_and_for_a_while_after() -> None:
     tracker = ConnectionTracker()
     tracker.started(("127.0.0.1", 5000))
