@@ -136,14 +136,23 @@ def test_the_fast_lane_answers_a_lone_request_at_once_and_hands_the_others_to_th
     assert (alone_1 - alone_0, batched_1 - batched_0) == (32, 0), "each request alone"
     assert (requests_1 - requests_0, batches_1 - batches_0) == (32, 32), "each a batch of one"
     assert answers[0].headers["server"] == "BentoML Service/ImageClassifier"
+    # 32 threads usually overlap in a worker at once; on a loaded machine a round may happen to
+    # send them one after another, so a few rounds are allowed for the batcher to get some.
+    handed_to_the_batcher = 0.0
     with (httpx.Client(limits=httpx.Limits(max_connections=32)) as client,
           ThreadPoolExecutor(32) as pool):
-        together = [r.json()[0] for r in pool.map(lambda p: post_images(server.url, [p], client),
-                                                  paths)]
-    alone_2, batched_2, requests_2, batches_2 = counts()
-    assert (alone_2 - alone_1) + (batched_2 - batched_1) == 32, "every request through the lane"
-    assert batched_2 > batched_1, "none handed to the batcher"
-    assert requests_2 - requests_1 == 32, "each request in exactly one batch"
-    assert [a["label"] for a in alone] == [t["label"] for t in together]
-    assert [a["confidence"] for a in alone] == pytest.approx([t["confidence"] for t in together],
-                                                             abs=1e-6)
+        for _ in range(5):
+            together = [r.json()[0] for r in
+                        pool.map(lambda p: post_images(server.url, [p], client), paths)]
+            alone_2, batched_2, requests_2, _ = counts()
+            assert (alone_2 - alone_1) + (batched_2 - batched_1) == 32, \
+                "every request through the lane"
+            assert requests_2 - requests_1 == 32, "each request in exactly one batch"
+            assert [a["label"] for a in alone] == [t["label"] for t in together]
+            assert [a["confidence"] for a in alone] == pytest.approx(
+                [t["confidence"] for t in together], abs=1e-6)
+            handed_to_the_batcher += batched_2 - batched_1
+            if handed_to_the_batcher:
+                break
+            alone_1, batched_1, requests_1 = alone_2, batched_2, requests_2
+    assert handed_to_the_batcher > 0, "none handed to the batcher in 5 rounds of 32 together"
