@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> None:
                      "service": {"workers": workers, "intra_op_threads":
                                  settings.model.intra_op_threads, "providers": providers,
                                  "max_batch_size": settings.batching.max_batch_size,
-                                 "max_latency_ms": settings.batching.max_latency_ms},
+                                 "max_latency_ms": settings.batching.max_latency_ms,
+                                 "connections_balance": settings.connections.balance},
                      "images": {k: p.stat().st_size for k, p in images.items()}, "models": {}}
 
     if args.quick:

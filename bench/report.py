@@ -386,11 +386,17 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
             f"What would lift it: `model.intra_op_threads: {cores}`, at the price the levers "
             f"table measures under load" + thread_lever(results, key) + ".")
     if ours["server_cpu_cores"] < 0.75 * min(c, cores):
-        return head + (
-            f". The server used {ours['server_cpu_cores']:.2f} of {cores} cores: keep-alive "
-            f"connections stay on the worker that accepted them, and these {c} landed unevenly. "
-            f"What would lift it: `connections.balance` (serving/balance.py), which moves "
-            f"connections off a busy worker over its share.")
+        pinned = (f". The server used {ours['server_cpu_cores']:.2f} of {cores} cores: "
+                  f"keep-alive connections stay on the worker that accepted them, and these {c} "
+                  f"landed unevenly. ")
+        if service.get("connections_balance"):  # absent in runs before it was recorded
+            return head + pinned + (
+                "`connections.balance` was on and did not move them: it closes connections "
+                "only on a busy worker over its share (serving/balance.py); the server's "
+                "image_classifier_connections_rebalanced_total says whether it closed any.")
+        return head + pinned + (
+            "What would lift it: `connections.balance` (serving/balance.py), which moves "
+            "connections off a busy worker over its share.")
     text = head + (f". One image through the runtime as served and its decoding take "
                    f"{served_ms + decode_ms:.2f} ms, work FastAPI also does"
                    + (f" (its runtime on every core: {all_cores_ms:.2f} ms for the image)"

@@ -159,7 +159,11 @@ def test_a_lone_request_slower_than_fastapis_is_explained_by_what_the_run_measur
     results = results_of("light", light)
     assert "not a bound of the machine" in report.latency_bound("light", light, 1, results)
     # Four connections that kept one of two cores busy: they landed on one worker.
-    assert "landed unevenly" in report.latency_bound("light", light, 4, results)
+    pinned = report.latency_bound("light", light, 4, results)
+    assert "landed unevenly" in pinned and "What would lift it: `connections.balance`" in pinned
+    results["service"]["connections_balance"] = True
+    pinned = report.latency_bound("light", light, 4, results)
+    assert "was on and did not move them" in pinned and "What would lift it" not in pinned
     fast = classifier([cpu_level(1, 900, 1.0, p50=1.05)], ceiling=6800.0, decode_ms=0.06,
                       fastapi=[cpu_level(1, 970, 1.0, p50=1.0)])
     assert report.latency_bound("fast", fast, 1, results_of("fast", fast)) is None
