@@ -65,9 +65,10 @@ def patched_when_built(base: type[bentoml.Service[Any]],
     """`base`, whose ASGI app is built with the project's changes to BentoML's service app:
     serving/batcher.py's dispatcher (batching.dispatch) and serving/tracing.py's idle tracing left
     out. They are made when a worker builds its app (Service.to_asgi), not when the service
-    module is imported: importing BentoML's service app (_bentoml_impl.server.app, with aiohttp)
-    costs 16 MB, and `bentoml serve`'s main process, which imports the service only to read its
-    configuration and start the workers, never builds one (idle RSS, docs/performance.md)."""
+    module is imported: `bentoml serve`'s main process, which imports the service only to read
+    its configuration and start the workers, never builds one, and importing BentoML's service
+    app (_bentoml_impl.server.app, with aiohttp) there cost it 10 MB (101 -> 91 MB in
+    `make bench`'s idle-RSS row, docs/performance.md round 9)."""
 
     class PatchedWhenBuilt(base):  # type: ignore[misc]  # untyped in BentoML
         def to_asgi(self, is_main: bool = True) -> Any:

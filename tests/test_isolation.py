@@ -54,7 +54,7 @@ def test_importing_the_detector_loads_no_training_module(trained_detector: str) 
 
 
 def test_a_built_app_has_the_projects_dispatcher_and_no_idle_tracing(trained_model: str) -> None:
-    """What importing the service defers (BentoML's service app, 16 MB in `bentoml serve`'s
+    """What importing the service defers (BentoML's service app, 10 MB of `bentoml serve`'s
     main process) is done when a worker builds its app: the dispatcher batching.dispatch names
     and the middleware list without OpenTelemetry's."""
     script = (
