@@ -28,16 +28,14 @@ Answers to balanced-away connections are counted in
 from __future__ import annotations
 
 import math
-import mmap
 import os
-import struct
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from .asgi import ASGIApp, Message, Receive, Scope, Send
 from .metrics import connections_rebalanced, worker_connections
+from .slots import Board, board_path
 
 # A connection answered this long ago without a new request is not counted: an idle keep-alive
 # connection costs its worker nothing.
@@ -50,51 +48,7 @@ REFRESH_S = 0.2
 # when it holds all of them and the other worker idles (digits at 4 connections, 1.00 of 2 cores
 # in docs/benchmarks.md, round 9).
 SATURATED = 0.9
-# Slots in the shared file: workers of one service, indexed by BentoML's worker_index (1-based).
-MAX_WORKERS = 1024
-SLOT = struct.Struct("<qq")  # pid, active connections
 CLOSE = (b"connection", b"close")
-
-
-class Board:
-    """The service's workers' active connection counts, in a file every worker maps: one slot
-    (pid, count) per worker index. A slot whose process has ended is not counted."""
-
-    def __init__(self, path: Path, index: int) -> None:
-        if not 1 <= index <= MAX_WORKERS:
-            raise ValueError(f"worker index {index} is outside 1..{MAX_WORKERS}")
-        self.index = index
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < SLOT.size * MAX_WORKERS:
-                os.ftruncate(fd, SLOT.size * MAX_WORKERS)  # zeros: no worker yet
-            self.map = mmap.mmap(fd, SLOT.size * MAX_WORKERS)
-        finally:
-            os.close(fd)
-        self.pid = os.getpid()
-        self.publish(0)
-
-    def publish(self, count: int) -> None:
-        SLOT.pack_into(self.map, SLOT.size * (self.index - 1), self.pid, count)
-
-    def counts(self) -> list[int]:
-        """Each live worker's count, this one's included."""
-        found = []
-        for offset in range(0, len(self.map), SLOT.size):
-            pid, count = SLOT.unpack_from(self.map, offset)
-            if pid and (pid == self.pid or process_alive(pid)):
-                found.append(count)
-        return found
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def closes_allowed(mine: int, in_flight: int, counts: list[int], saturated: bool = False) -> int:
@@ -219,13 +173,3 @@ class ConnectionBalance:
         finally:
             with self._lock:
                 self.tracker.finished(client, closing)
-
-
-def board_path(directory: str | None, service: str) -> Path:
-    """The file the service's workers share: in BentoML's per-run metrics directory when it is
-    set (emptied at each `bentoml serve`), else the temporary directory; named by the serving
-    process (the workers' parent) and the service, so that two servers never share one."""
-    import tempfile
-
-    base = Path(directory) if directory else Path(tempfile.gettempdir())
-    return base / f"connections-{os.getppid()}-{service}.slots"

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bentoml._internal.context import server_context
 
-from serving import balance
-from serving.balance import Board, ConnectionBalance, ConnectionTracker, closes_allowed
+from serving import balance, slots
+from serving.balance import ConnectionBalance, ConnectionTracker, closes_allowed
+from serving.slots import Board
 from tests.helpers import call_asgi, http_scope
 
 
@@ -90,28 +90,6 @@ def test_a_connection_counts_while_a_request_runs_and_for_a_while_after() -> Non
     assert tracker.count(answered + balance.IDLE_S * 2) == 0, "idle too long: not counted"
 
 
-def test_workers_see_each_others_counts_and_not_those_of_ended_processes(tmp_path: Path
-                                                                         ) -> None:
-    path = tmp_path / "connections.slots"
-    first, second = Board(path, 1), Board(path, 2)
-    first.publish(5)
-    second.publish(3)
-    assert sorted(first.counts()) == sorted(second.counts()) == [3, 5]
-    gone = Board(path, 3)
-    gone.pid = ended_pid()
-    gone.publish(40)
-    assert sorted(first.counts()) == [3, 5], "an ended worker's slot is not counted"
-    with pytest.raises(ValueError, match="outside"):
-        Board(path, balance.MAX_WORKERS + 1)
-
-
-def ended_pid() -> int:
-    """The id of a process that has ended (and been reaped)."""
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
-
-
 async def _answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"{}"})
@@ -154,7 +132,7 @@ def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(server_context, "worker_index", 1)
     app = HeldApp()
     middleware = ConnectionBalance(app, service="Test", workers=2)
-    yield middleware, app, Board(balance.board_path(str(tmp_path), "Test"), 2)
+    yield middleware, app, Board(slots.board_path(str(tmp_path), "Test"), 2)
     middleware.stop()
 
 
@@ -206,7 +184,7 @@ def test_one_worker_or_no_server_means_nothing_to_balance(
 
 
 def test_the_board_is_named_by_the_serving_process_and_the_service(tmp_path: Path) -> None:
-    path = balance.board_path(str(tmp_path), "ImageClassifier")
+    path = slots.board_path(str(tmp_path), "ImageClassifier")
     assert path.parent == tmp_path
     assert path.name == f"connections-{os.getppid()}-ImageClassifier.slots"
     assert not path.name.endswith(".db"), "Prometheus reads every .db file in that directory"
