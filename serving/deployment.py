@@ -23,8 +23,9 @@ import numpy as np
 from bentoml.exceptions import NotFound
 
 from . import metrics
-from .calibration import best_batch_size
+from .calibration import best_batch_size, call_seconds
 from .contract import ONNX_FILE, ModelCard
+from .cores import lone_request_threads, machine_cores, worker_share
 from .drift import DriftMonitor
 from .predictor import Predictor, Task
 from .routing import Router
@@ -128,7 +129,8 @@ def device_info(runtime: OnnxRuntime) -> DeviceInfo:
     """/model_info's `device`: where the answering worker's runtime runs."""
     return DeviceInfo(worker_index=bentoml.server_context.worker_index,
                       cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                      device_id=runtime.device_id, on_gpu=runtime.on_gpu)
+                      device_id=runtime.device_id, on_gpu=runtime.on_gpu,
+                      lone_request_threads=runtime.lone_threads)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ class Deployment:
         once; the predictor that answers with them."""
         runtimes = [self.load_runtime(entry, task) for entry in self.served]
         pieces = [self.piece_size(runtime) for runtime in runtimes]
+        for entry, runtime in zip(self.served, runtimes):  # after the calibration: it times
+            self.add_lone_session(entry, runtime)           # calls on the worker's threads
         predictor = Predictor(task, self.card.graph, runtimes, [e.tag for e in self.served],
                               [self.drift_monitor(e) for e in self.served], self.load_shadow(task),
                               pieces)
@@ -188,9 +192,25 @@ class Deployment:
         runtime.settle_batch_shapes(size)
         return size
 
-    def load_runtime(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None
-                     ) -> OnnxRuntime:
-        return self.runtime_loader(entry, task, intra_op_threads)()
+    def load_runtime(self, entry: StoreEntry, task: Task) -> OnnxRuntime:
+        """In a worker: `entry`'s runtime, publishing its calls to the other workers
+        (serving/cores.py)."""
+        runtime = self.runtime_loader(entry, task)()
+        runtime.cores = worker_share()
+        return runtime
+
+    def add_lone_session(self, entry: StoreEntry, runtime: OnnxRuntime) -> None:
+        """A session on every core for calls alone, where model.lone_request_threads asks for
+        one (serving/cores.py); on a CPU only."""
+        model = self.settings.model
+        if runtime.on_gpu:
+            return
+        blank = np.zeros((1, *runtime.input_spec.shape), np.uint8)
+        threads = lone_request_threads(model.lone_request_threads, model.intra_op_threads,
+                                       machine_cores(),
+                                       lambda: call_seconds(runtime.run, blank))
+        if threads:
+            runtime.open_lone_session(threads, metrics.lone_calls().labels(model=entry.tag).inc)
 
     def runtime_loader(self, entry: StoreEntry, task: Task, intra_op_threads: int | None = None
                        ) -> Callable[[], OnnxRuntime]:

@@ -21,7 +21,8 @@ How the method is called:
   method runs at once on its items, counted as a batch of one in BentoML's batch-size histogram.
   In the event loop when its calls have been short (under INLINE_MAX_S: a thread hand-off would
   cost more than the call), else in a thread; always under serving/predictor.RUNNING, so that
-  service code still runs one call at a time in a worker.
+  service code still runs one call at a time in a worker. Its runtime call may take every core
+  the other workers leave idle (serving/cores.py).
 - batched: any other request is handed to BentoML's own batcher for the API (the app's
   `batch_infer`: the same queue, dispatcher, batch-size histogram and overload answer as a request
   that came through BentoML's endpoint), which batches it with the others.
@@ -48,6 +49,7 @@ from starlette.responses import JSONResponse, Response
 
 from .admission import alone_in_its_budget
 from .asgi import ASGIApp, Receive, Scope, Send, header
+from .cores import REQUEST_ALONE
 from .metrics import fast_lane_answers
 from .predictor import RUNNING
 
@@ -192,9 +194,13 @@ class FastLane:
         if lane.method is None:  # BentoML builds this wrapper anew on every attribute access
             lane.method = getattr(bentoml.get_current_service(), lane.name).local
         method = lane.method
-        if lane.call_s < INLINE_MAX_S and RUNNING.acquire(blocking=False):
-            try:
-                return lane.timed(method, value)
-            finally:
-                RUNNING.release()
-        return await asyncio.to_thread(lane.timed, method, value)
+        marked = REQUEST_ALONE.set(True)  # its runtime call may take every idle core
+        try:
+            if lane.call_s < INLINE_MAX_S and RUNNING.acquire(blocking=False):
+                try:
+                    return lane.timed(method, value)
+                finally:
+                    RUNNING.release()
+            return await asyncio.to_thread(lane.timed, method, value)
+        finally:
+            REQUEST_ALONE.reset(marked)

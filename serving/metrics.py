@@ -108,6 +108,19 @@ def fast_lane_answers() -> Counter:
 
 
 @functools.cache
+def lone_calls() -> Counter:
+    from prometheus_client import Counter
+
+    return Counter(
+        "lone_calls",
+        "Runtime calls of one image made on every core because no other worker's runtime was "
+        "running (serving/cores.py; model.lone_request_threads), by model.",
+        labelnames=["model"],
+        namespace=NAMESPACE,
+    )
+
+
+@functools.cache
 def routed_requests() -> Counter:
     from prometheus_client import Counter
 

@@ -1,5 +1,6 @@
 """Batch -> runtime: one ONNX Runtime session, on the best execution provider available, and on
-this worker's GPU when there are several (worker_device_id)."""
+this worker's GPU when there are several (worker_device_id); on a CPU, a second session on every
+core for a call alone (serving/cores.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from .calibration import run_in_pieces
 from .contract import GraphSpec, InputSpec
+from .cores import REQUEST_ALONE, CoreShare
+from .weights import large_weights
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -78,6 +81,16 @@ class OnnxRuntime:
         default, the first. `conv_algo_search`: how the CUDA provider picks each convolution's
         cuDNN algorithm (model.cudnn_conv_algo_search)."""
         ort_module = onnxruntime()
+        self.model_path, self.intra_op_threads, self.spin = model_path, intra_op_threads, spin
+        # Whether the other workers' runtimes are running: a process of its own (the shadow's,
+        # a test's) has none; a worker's deployment gives it the worker's (cores.worker_share).
+        self.cores = CoreShare()
+        # serving/cores.py: the session on every core for a call of one image made while the
+        # other workers' runtimes are idle, its threads, and what counts its calls.
+        self.lone_session: ort.InferenceSession | None = None
+        self.lone_threads = 0
+        self.count_lone_call: Callable[[], None] = lambda: None
+        self._shared_weights: list[ort.OrtValue] = []  # must outlive both sessions
         requested = choose_providers(providers, ort_module.get_available_providers(),
                                      gpu_available())
         if "CUDAExecutionProvider" in requested:
@@ -119,15 +132,45 @@ class OnnxRuntime:
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
         """The outputs named by `output_names`, in that order, for a batch of any size."""
-        size = self.graph.batch_size
-        if size is not None and len(pixels) != size:
-            # A graph exported for a fixed batch (torchvision's detectors: 1): one call per
-            # piece of that size, the last one padded with blank rows.
-            return run_in_pieces(self._run, pixels, size, pad=True)
-        if self.batch_session is not None and len(pixels) > 1:
-            return run_in_pieces(functools.partial(self._run, session=self.batch_session),
-                                 pixels, self.batch_rows, pad=True)
-        return self._run(pixels)
+        with self.cores.call():
+            size = self.graph.batch_size
+            if size is not None and len(pixels) != size:
+                # A graph exported for a fixed batch (torchvision's detectors: 1): one call per
+                # piece of that size, the last one padded with blank rows.
+                return run_in_pieces(self._run, pixels, size, pad=True)
+            if self.batch_session is not None and len(pixels) > 1:
+                return run_in_pieces(functools.partial(self._run, session=self.batch_session),
+                                     pixels, self.batch_rows, pad=True)
+            if self.lone_session is not None and len(pixels) == 1 and REQUEST_ALONE.get() \
+                    and self.cores.others_idle():
+                self.count_lone_call()
+                return self._run(pixels, session=self.lone_session)
+            return self._run(pixels)
+
+    def open_lone_session(self, threads: int, counted: Callable[[], None] = lambda: None
+                          ) -> bool:
+        """From now on, a call of one image for a request alone in its worker, made while the
+        other workers' runtimes are idle, runs on a session of `threads` threads
+        (serving/cores.py); both sessions are opened again over one copy of the graph's large
+        weights. CPU only; False, with a warning,
+        where it cannot be done (the worker's session stays as it was). `counted`: called at
+        each such call (a metric)."""
+        if self.active_provider != "CPUExecutionProvider" or self.graph.batch_size is not None:
+            return False
+        try:
+            (own, lone), shared = cpu_sessions_sharing_weights(
+                self.model_path, [self.intra_op_threads, threads], self.spin)
+        except Exception as error:  # a latency gain, not a condition to serve
+            logger.warning("No session on %d threads for calls alone: %s", threads, error)
+            return False
+        self.session, self.lone_session, self._shared_weights = own, lone, shared
+        self.lone_threads, self.count_lone_call = threads, counted
+        blank = np.zeros((1, *self.input_spec.shape), dtype=np.uint8)
+        self._run(blank)  # each session allocates before the first request
+        self._run(blank, session=self.lone_session)
+        logger.info("A call of one image alone runs on %d threads (%d weights shared)",
+                    threads, len(shared))
+        return True
 
     def settle_batch_shapes(self, rows: int, even_on_cpu: bool = False) -> None:
         """On a GPU, from now on: a call of one image on this session, and every other call on
@@ -195,6 +238,45 @@ def session_options(intra_op_threads: int, spin: bool = False) -> ort.SessionOpt
     return options
 
 
+def write_optimized_graph(model_path: Path, directory: Path, intra_op_threads: int,
+                          spin: bool = False) -> Path:
+    """The graph ONNX Runtime's optimizations (all levels) make of `model_path` for this CPU,
+    written into `directory` by a session that is then dropped."""
+    optimized = directory / model_path.name
+    writer = session_options(intra_op_threads, spin)
+    writer.optimized_model_filepath = str(optimized)
+    writer.log_severity_level = 3  # the hardware warning: this machine is where it runs
+    onnxruntime().InferenceSession(str(model_path), writer, providers=["CPUExecutionProvider"])
+    return optimized
+
+
+def cpu_sessions_sharing_weights(model_path: Path, threads: Sequence[int], spin: bool = False
+                                 ) -> tuple[list[ort.InferenceSession], list[ort.OrtValue]]:
+    """Sessions of `model_path`'s optimized graph, one per thread count in `threads`, over one
+    copy of its large weights (serving/weights.py); and those weights, which must outlive the
+    sessions."""
+    ort_module = onnxruntime()
+    with tempfile.TemporaryDirectory(prefix="onnx-optimized-") as scratch:
+        optimized = write_optimized_graph(model_path, Path(scratch), threads[0], spin)
+        shared = [(name, ort_module.OrtValue.ortvalue_from_numpy(array))
+                  for name, array in large_weights(optimized.read_bytes()).items()]
+        sessions = []
+        for count in threads:
+            options = session_options(count, spin)
+            if count != threads[0]:
+                # The others (a lone call's) without ONNX Runtime's arena, which would keep a
+                # call's activations for the session's life: resnet18's worker held 76 MB over
+                # one session's 60 so, 83 with it, at the same 20 ms per image.
+                options.enable_cpu_mem_arena = False
+            for name, value in shared:
+                options.add_initializer(name, value)
+            # From the file: a session made from bytes keeps them (ORT's Python wrapper holds
+            # them for its life), a second copy of the weights.
+            sessions.append(ort_module.InferenceSession(str(optimized), options,
+                                                        providers=["CPUExecutionProvider"]))
+    return sessions, [value for _, value in shared]
+
+
 def cpu_session_of_optimized_graph(model_path: Path, intra_op_threads: int, spin: bool = False
                                    ) -> ort.InferenceSession:
     """A CPU session loaded from the graph ONNX Runtime's optimizations make of `model_path`,
@@ -214,13 +296,8 @@ def cpu_session_of_optimized_graph(model_path: Path, intra_op_threads: int, spin
     ort_module = onnxruntime()
     providers = ["CPUExecutionProvider"]
     with tempfile.TemporaryDirectory(prefix="onnx-optimized-") as scratch:
-        optimized = Path(scratch) / model_path.name
-        writer = session_options(intra_op_threads, spin)
-        writer.optimized_model_filepath = str(optimized)
-        writer.log_severity_level = 3  # the hardware warning: this machine is where it runs
         try:
-            # Writes the optimized graph; the session itself is dropped at once.
-            ort_module.InferenceSession(str(model_path), writer, providers=providers)
+            optimized = write_optimized_graph(model_path, Path(scratch), intra_op_threads, spin)
             return ort_module.InferenceSession(str(optimized),
                                                session_options(intra_op_threads, spin),
                                                providers=providers)

@@ -154,6 +154,11 @@ class DeviceInfo(BaseModel):
     on_gpu: bool = Field(
         description="The runtime runs on a GPU provider (TensorRT or CUDA); false: on the "
         "CPU, and device_id is unused.")
+    lone_request_threads: int = Field(
+        default=0,
+        description="On a CPU: threads of the session a call of one image takes while no "
+        "other worker's runtime is running (model.lone_request_threads); 0: none, every call "
+        "runs on the worker's own threads.")
 
 
 class ServedModelInfo(BaseModel):

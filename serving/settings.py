@@ -108,6 +108,14 @@ class ModelSettings(_Section):
         description="Threads ONNX Runtime uses per worker; 0 = one per core. One thread per "
         "worker process, and one worker per core, served most on CPU.",
     )
+    lone_request_threads: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto",
+        description="On a CPU: threads for a call of one image made while no other worker's "
+        "runtime is running, on a second session of the graph that shares its weights "
+        "(serving/cores.py); 0 = one per core; no more than intra_op_threads: none. auto: one "
+        "per core for a model whose image takes 10 ms or more on one thread (measured at "
+        "start), none for the others.",
+    )
     thread_spinning: bool = Field(
         default=False,
         description="With more than one thread: ONNX Runtime's threads spin between operators "

@@ -14,6 +14,7 @@ import pytest
 
 from serving.classification import Classification
 from serving.contract import ONNX_FILE, GraphSpec
+from serving.cores import machine_cores
 from serving.deployment import (
     Deployment,
     StoreEntry,
@@ -54,6 +55,36 @@ def test_model_thread_spinning_reaches_the_session(tmp_path: Path, spinning: boo
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == \
         ("1" if spinning else "0")
     assert ClassifierSettings().model.thread_spinning is False
+
+
+def conv_deployment(tmp_path: Path, model: dict, **graph: int
+                    ) -> tuple[Deployment, StoreEntry]:
+    graph_path = conv_graph(tmp_path / ONNX_FILE, **graph)
+    card = SimpleNamespace(input=CONV_SPEC, graph=GraphSpec(feature_dim=graph.get("width", 256)))
+    settings = ClassifierSettings.model_validate({"model": {"providers": ["cpu"], **model}})
+    deployment = Deployment(settings, settings.served_variants(), [], None, Router([1.0], []))
+    return deployment, StoreEntry("graph:1", card, graph_path.parent)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("setting", "threads"), [(2, 2), (1, 0), (0, machine_cores())])
+def test_model_lone_request_threads_set_gives_the_runtime_that_session(
+        tmp_path: Path, setting: int, threads: int) -> None:
+    deployment, entry = conv_deployment(tmp_path, {"lone_request_threads": setting},
+                                        layers=2, width=8)
+    runtime = deployment.load_runtime(entry, Classification(list("abcdefgh"), top_k=1))
+    deployment.add_lone_session(entry, runtime)
+    expected = threads if threads > 1 else 0
+    assert runtime.lone_threads == expected
+    assert (runtime.lone_session is not None) == bool(expected)
+
+
+def test_auto_leaves_a_light_model_on_its_own_thread(tmp_path: Path) -> None:
+    """An 8x8 image through two small convolutions: far under cores.LONE_MIN_S."""
+    deployment, entry = conv_deployment(tmp_path, {}, layers=2, width=8)
+    assert ClassifierSettings().model.lone_request_threads == "auto"
+    runtime = deployment.load_runtime(entry, Classification(list("abcdefgh"), top_k=1))
+    deployment.add_lone_session(entry, runtime)
+    assert runtime.lone_threads == 0 and runtime.lone_session is None
 
 
 def free_the_middle_of_the_heap_and_trim() -> None:

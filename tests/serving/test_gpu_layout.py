@@ -215,7 +215,7 @@ def test_model_info_reports_the_workers_device(tmp_path: Path,
     runtime = cpu_runtime(tmp_path, assigned_device_id())
     info = device_info(runtime).model_dump()
     assert info == {"worker_index": 2, "cuda_visible_devices": "0,1", "device_id": 1,
-                    "on_gpu": False}
+                    "on_gpu": False, "lone_request_threads": 0}
 
 
 def test_the_device_is_in_the_model_info_schema() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import subprocess
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 
 from serving.contract import ONNX_FILE, GraphSpec, InputSpec, ModelCard
+from serving.cores import REQUEST_ALONE, CoreShare
 from serving.deployment import return_freed_memory
 from serving.runtime import OnnxRuntime, choose_providers, cpu_session_of_optimized_graph
+from serving.slots import Board
+from serving.weights import large_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -337,3 +341,101 @@ def test_threads_spin_only_when_asked(tmp_path: Path, spin: bool) -> None:
     assert options.intra_op_num_threads == 2
     probabilities, _ = runtime.run(np.zeros((2, *CONV_SPEC.shape), np.uint8))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+# --- the session on every core for a call alone (serving/cores.py) ------------------------------
+
+def lone_runtime(tmp_path: Path, **graph: int) -> OnnxRuntime:
+    runtime = OnnxRuntime(conv_graph(tmp_path / ONNX_FILE, **graph), CONV_SPEC,
+                          GraphSpec(feature_dim=graph.get("width", 256)), providers=["cpu"],
+                          intra_op_threads=1)
+    return runtime
+
+
+def called_alone(runtime: OnnxRuntime, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+    marked = REQUEST_ALONE.set(True)
+    try:
+        return runtime.run(pixels)
+    finally:
+        REQUEST_ALONE.reset(marked)
+
+
+def test_a_call_alone_of_one_image_runs_on_every_core_with_the_same_answer(tmp_path: Path
+                                                                          ) -> None:
+    runtime = lone_runtime(tmp_path, layers=4, width=32)
+    pixels = np.random.default_rng(2).integers(0, 256, (3, *CONV_SPEC.shape), dtype=np.uint8)
+    before = [runtime.run(pixels[:1]), runtime.run(pixels)]
+    calls: list[int] = []
+    assert runtime.open_lone_session(2, lambda: calls.append(1))
+    assert runtime.lone_threads == 2 and runtime.lone_session is not None
+    assert runtime.lone_session.get_session_options().intra_op_num_threads == 2
+    assert runtime.session.get_session_options().intra_op_num_threads == 1
+    alone = called_alone(runtime, pixels[:1])
+    assert len(calls) == 1
+    for ours, expected in zip(alone, before[0]):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7)
+    for ours, expected in zip(runtime.run(pixels[:1]), before[0]):  # not marked: its own
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7)
+    for ours, expected in zip(called_alone(runtime, pixels), before[1]):  # 3 images: its own
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7)
+    assert len(calls) == 1, "only a marked call of one image takes every core"
+
+
+def test_a_call_alone_keeps_to_its_own_thread_while_another_workers_runtime_is_busy(
+        tmp_path: Path) -> None:
+    path = tmp_path / "runtime.slots"
+    runtime = lone_runtime(tmp_path, layers=2, width=8)
+    runtime.cores = CoreShare(Board(path, 1))
+    other = CoreShare(Board(path, 2))
+    calls: list[int] = []
+    assert runtime.open_lone_session(2, lambda: calls.append(1))
+    blank = np.zeros((1, *CONV_SPEC.shape), np.uint8)
+    with other.call():
+        called_alone(runtime, blank)
+    assert calls == []
+    other.board.publish(0)  # type: ignore[union-attr]  # long idle
+    called_alone(runtime, blank)
+    assert calls == [1]
+
+
+def test_no_session_for_calls_alone_on_a_fixed_batch_graph_or_where_it_cannot_be_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert not stats_runtime(tmp_path, graph_batch=1, card_batch=1).open_lone_session(2)
+    runtime = lone_runtime(tmp_path, layers=2, width=8)
+    own = runtime.session
+
+    def unreadable(model: bytes) -> dict:
+        raise ValueError("protobuf wire type 7 is not one ONNX writes")
+
+    monkeypatch.setattr("serving.runtime.large_weights", unreadable)
+    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+        assert not runtime.open_lone_session(2)
+    assert "wire type 7" in caplog.text
+    assert runtime.session is own and runtime.lone_session is None and runtime.lone_threads == 0
+
+
+def lone_session_memory(path: str) -> None:
+    """Prints the RSS growth (bytes) of a session on 2 threads for calls alone over a runtime's
+    own, and the graph's weights (in a fresh interpreter: see grow_and_shrink_the_arena)."""
+    import psutil
+
+    process = psutil.Process()
+    weights = sum(array.nbytes for array in large_weights(Path(path).read_bytes()).values())
+    runtime = OnnxRuntime(Path(path), CONV_SPEC, GraphSpec(feature_dim=256), providers=["cpu"],
+                          intra_op_threads=1)
+    return_freed_memory()
+    before = process.memory_info().rss
+    runtime.open_lone_session(2)
+    called_alone(runtime, np.zeros((1, *CONV_SPEC.shape), np.uint8))
+    gc.collect()  # the session it replaced, as a worker collects once started
+    return_freed_memory()
+    print(json.dumps({"grown": process.memory_info().rss - before, "weights": weights}))
+
+
+def test_the_session_for_calls_alone_shares_the_weights(tmp_path: Path) -> None:
+    """Its own copy of them would grow the worker by their size (35 MB here)."""
+    path = str(conv_graph(tmp_path / ONNX_FILE))
+    measured = measured_in_a_fresh_interpreter(f"lone_session_memory({path!r})")
+    assert measured["grown"] < measured["weights"] / 4, \
+        f"grew {measured['grown'] / 2**20:.0f} MB for {measured['weights'] / 2**20:.0f} MB"

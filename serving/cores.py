@@ -1,0 +1,123 @@
+"""Idle cores: a heavy model's image alone runs on every core while the other workers' runtimes
+are idle.
+
+Why: a worker runs its model on one ONNX Runtime thread, and one worker per core serves most
+under load (configuration.yaml). A request alone then leaves the other cores idle: resnet18 took
+37-39 ms per image on one thread and 19.5-20 ms on both cores of this machine, where a server
+without workers (the FastAPI peer, every core on each call) answered one connection in 21 ms
+against this service's 40 (docs/benchmarks.md, round 9). Two threads per worker for every call
+would take that back under load: each worker's calls wait on a thread the other worker's calls
+are using (two processes of two threads: 43.5 resnet18 images/s against 53 with one thread each,
+this machine, 2026-12-04).
+
+How: a request alone in its worker (nothing else past its admission gate or waiting at it) is
+run by the fast lane (serving/fast_lane.py), which marks its call (REQUEST_ALONE). Each worker
+publishes, in a file the service's workers share (serving/slots.py), until when its runtime
+counts as busy: while a call runs, and for QUIET_S after it. A marked call of one image, made
+while no other worker's runtime is busy, goes to a second session of the same graph with a
+thread per core; every other call goes to the worker's own. The two sessions share the weights
+(serving/weights.py). Two workers that both find the others idle at the same instant both take
+every core for that call: what two threads per worker would cost, for one call.
+
+Which models: with lone_request_threads `auto`, those whose one image takes LONE_MIN_S or more
+on one thread, measured as the worker starts. Splitting an image's operators over threads pays
+when they are large: mobilenet_v3_small's 2.6 ms image took 2.9 ms on two threads that sleep
+between operators, digits' 0.3 ms the same 0.3 ms, resnet18's 38.6 ms 20.0 ms.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+from .slots import Board, board_path
+
+# A worker's runtime counts as busy this long after its last call. Under load a worker's calls
+# follow each other within a few milliseconds (the next batch's decoding, the answers): without
+# it, resnet18 at 64 connections made 32 calls on every core in 15 s, in the gaps between the
+# other worker's calls, which then shared the cores with three threads.
+QUIET_S = 0.010
+# A model whose one image takes this long on one thread gets a session on every core for calls
+# alone (lone_request_threads: auto): over 3x mobilenet_v3_small's image and under a third of
+# resnet18's, on this machine, while the other workers start beside it.
+LONE_MIN_S = 0.010
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# Set by the fast lane around the call of a request alone in its worker (asyncio.to_thread
+# carries it into the thread that runs it): only such a call may take every core.
+REQUEST_ALONE: ContextVar[bool] = ContextVar("request_alone", default=False)
+# Published while a call runs: busy until further notice.
+RUNNING = 2**63 - 1
+
+
+class CoreShare:
+    """Whether the other workers' runtimes are busy, and this worker's published, as a time of
+    CLOCK_MONOTONIC (the same in every process of the machine) in nanoseconds until which the
+    worker is busy. Without a board (a process that is not a worker of `bentoml serve`: tests,
+    the offline client), no other worker exists to be disturbed."""
+
+    def __init__(self, board: Board | None = None,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.board = board
+        self.clock = clock
+        self.running = 0  # calls under way in this process
+        self._lock = threading.Lock()  # calls from the batcher's thread, a job's, the lane's
+
+    def others_idle(self) -> bool:
+        return self.board is None or not self.board.others_above(self.clock())
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """A runtime call of this worker, published while it runs."""
+        self._count(+1)
+        try:
+            yield
+        finally:
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        with self._lock:
+            self.running += change
+            if self.board is not None:
+                self.board.publish(RUNNING if self.running else
+                                   self.clock() + int(QUIET_S * 1e9))
+
+
+@functools.cache
+def worker_share() -> CoreShare:
+    """This process's share: one per worker, whichever of its models runs (a ModelServer's
+    worker runs one call at a time across them, serving/predictor.RUNNING)."""
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is None:  # not a worker of `bentoml serve`
+        return CoreShare()
+    path = board_path(os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+                      server_context.service_name or "service", "runtime")
+    return CoreShare(Board(Path(path), server_context.worker_index))
+
+
+def lone_request_threads(setting: int | str, worker_threads: int, cores: int,
+                         one_image_s: Callable[[], float]) -> int:
+    """Threads of the session for calls alone (model.lone_request_threads); 0: no such session.
+    `worker_threads`: the worker's own session's (model.intra_op_threads, 0 = one per core);
+    `one_image_s`: times one image on it (asked only for `auto`)."""
+    own = worker_threads or cores
+    if setting == "auto":
+        wanted = cores if cores > own and one_image_s() >= LONE_MIN_S else 0
+    else:
+        wanted = int(setting) or cores
+    return wanted if wanted > own else 0
