@@ -152,9 +152,8 @@ class OnnxRuntime:
         """From now on, a call of one image for a request alone in its worker, made while the
         other workers' runtimes are idle, runs on a session of `threads` threads
         (serving/cores.py); both sessions are opened again over one copy of the graph's large
-        weights. CPU only; False, with a warning,
-        where it cannot be done (the worker's session stays as it was). `counted`: called at
-        each such call (a metric)."""
+        weights. CPU only; False, with a warning, where it cannot be done (the worker's session
+        stays as it was). `counted`: called at each such call (a metric)."""
         if self.active_provider != "CPUExecutionProvider" or self.graph.batch_size is not None:
             return False
         try:
@@ -264,10 +263,12 @@ def cpu_sessions_sharing_weights(model_path: Path, threads: Sequence[int], spin:
         for count in threads:
             options = session_options(count, spin)
             if count != threads[0]:
-                # The others (a lone call's) without ONNX Runtime's arena, which would keep a
-                # call's activations for the session's life: resnet18's worker held 76 MB over
-                # one session's 60 so, 83 with it, at the same 20 ms per image.
-                options.enable_cpu_mem_arena = False
+                # A call alone's session plans no memory pattern (one block for all of a call's
+                # activations, kept per input shape): resnet18's worker held 5 MB less after 50
+                # calls alone, at 21.0 against 20.4 ms per image. Its arena stays: without it,
+                # the heap glibc kept of the calls' freed activations grew resnet18's server by
+                # 50 MB over 360 calls alone (`python -m bench`, 2026-12-04).
+                options.enable_mem_pattern = False
             for name, value in shared:
                 options.add_initializer(name, value)
             # From the file: a session made from bytes keeps them (ORT's Python wrapper holds
