@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> None:
     results: dict = {"machine": report.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "args": {k: str(v) for k, v in vars(args).items()},
                      "service": {"workers": workers, "intra_op_threads":
-                                 settings.model.intra_op_threads, "providers": providers,
+                                 settings.model.intra_op_threads,
+                                 "lone_request_threads": settings.model.lone_request_threads,
+                                 "providers": providers,
                                  "max_batch_size": settings.batching.max_batch_size,
                                  "max_latency_ms": settings.batching.max_latency_ms,
                                  "connections_balance": settings.connections.balance},

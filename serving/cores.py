@@ -38,10 +38,12 @@ from pathlib import Path
 
 from .slots import Board, board_path
 
-# A worker's runtime counts as busy this long after its last call. Under load a worker's calls
-# follow each other within a few milliseconds (the next batch's decoding, the answers): without
-# it, resnet18 at 64 connections made 32 calls on every core in 15 s, in the gaps between the
-# other worker's calls, which then shared the cores with three threads.
+# A worker's runtime counts as busy this long after its last call. A busy worker's calls follow
+# each other within a few milliseconds (the next request's decoding, the answer): at 2
+# connections, one per worker, each request is alone in its worker, and without this each would
+# find the other's runtime idle between its calls and take every core. (Before calls had to be
+# alone in their worker too, resnet18 at 64 connections made 32 calls on every core in 15 s in
+# such gaps, each then sharing the cores with the other worker's thread.)
 QUIET_S = 0.010
 # A model whose one image takes this long on one thread gets a session on every core for calls
 # alone (lone_request_threads: auto): over 3x mobilenet_v3_small's image and under a third of
@@ -61,7 +63,7 @@ def machine_cores() -> int:
 # carries it into the thread that runs it): only such a call may take every core.
 REQUEST_ALONE: ContextVar[bool] = ContextVar("request_alone", default=False)
 # Published while a call runs: busy until further notice.
-RUNNING = 2**63 - 1
+BUSY = 2**63 - 1
 
 
 class CoreShare:
@@ -93,7 +95,7 @@ class CoreShare:
         with self._lock:
             self.running += change
             if self.board is not None:
-                self.board.publish(RUNNING if self.running else
+                self.board.publish(BUSY if self.running else
                                    self.clock() + int(QUIET_S * 1e9))
 
 

@@ -169,6 +169,26 @@ def test_a_lone_request_slower_than_fastapis_is_explained_by_what_the_run_measur
     assert report.latency_bound("fast", fast, 1, results_of("fast", fast)) is None
 
 
+def test_a_heavy_models_request_alone_is_held_to_the_runtime_on_every_core() -> None:
+    """Where the run's service opened the session on every core for calls alone
+    (lone_request_threads, serving/cores.py), the image's time is the runtime's on every core."""
+    heavy = classifier([cpu_level(1, 40, 1.9, p50=25.0)], ceiling=53.0, decode_ms=0.3,
+                       fastapi=[cpu_level(1, 47, 2.0, p50=21.0)])
+    heavy["runtime_all_threads"] = {"1": 55.0, "8": 58.0}  # 18.2 ms for one image
+    results = results_of("heavy", heavy)
+    assert "already over" in report.latency_bound("heavy", heavy, 1, results), \
+        "not recorded: one thread per worker (75 ms)"
+    results["service"]["lone_request_threads"] = "auto"
+    bound = report.latency_bound("heavy", heavy, 1, results)
+    assert "(on every core, a request alone) and its decoding take 18.48 ms" in bound
+    assert "not a bound of the machine" in bound and "already over" not in bound
+    heavy["runtime_all_threads"] = {"1": 40.0, "8": 58.0}  # 25 ms: over FastAPI's whole request
+    bound = report.latency_bound("heavy", heavy, 1, results)
+    assert "runs on every core here" in bound and "intra_op_threads" not in bound
+    results["service"]["lone_request_threads"] = 1  # off
+    assert "`model.intra_op_threads: 2`" in report.latency_bound("heavy", heavy, 1, results)
+
+
 def test_a_gpu_run_gets_no_bounds_of_cpu_goals() -> None:
     entry = classifier([cpu_level(64, 10, 1.0)], ceiling=53.0, decode_ms=0.3,
                        torchserve=[cpu_level(64, 51, 1.9)])
