@@ -2,13 +2,13 @@
 are idle.
 
 Why: a worker runs its model on one ONNX Runtime thread, and one worker per core serves most
-under load (configuration.yaml). A request alone then leaves the other cores idle: resnet18 took
-37-39 ms per image on one thread and 19.5-20 ms on both cores of this machine, where a server
-without workers (the FastAPI peer, every core on each call) answered one connection in 21 ms
-against this service's 40 (docs/benchmarks.md, round 9). Two threads per worker for every call
-would take that back under load: each worker's calls wait on a thread the other worker's calls
-are using (two processes of two threads: 43.5 resnet18 images/s against 53 with one thread each,
-this machine, 2026-12-04).
+under load (configuration.yaml). A request alone then leaves the other cores idle: in `make
+bench`'s ceiling (docs/benchmarks.md, round 10) resnet18 took 39.8 ms per image on one thread
+and 23.9 ms on both cores, and a server without workers (the FastAPI peer, every core on each
+call) answered one connection in 21.0 ms at p50 against this service's 39.9 (round 9). Two
+threads per worker for every call would take that back under load: each worker's calls wait on
+a thread the other worker's calls are using (the levers table, 2 workers x 2 ORT threads:
+resnet18 at 4 connections 42.8 answers/s against 48.9 shipped).
 
 How: a request alone in its worker (nothing else past its admission gate or waiting at it) is
 run by the fast lane (serving/fast_lane.py), which marks its call (REQUEST_ALONE). Each worker
@@ -21,8 +21,9 @@ every core for that call: what two threads per worker would cost, for one call.
 
 Which models: with lone_request_threads `auto`, those whose one image takes LONE_MIN_S or more
 on one thread, measured as the worker starts. Splitting an image's operators over threads pays
-when they are large: mobilenet_v3_small's 2.6 ms image took 2.9 ms on two threads that sleep
-between operators, digits' 0.3 ms the same 0.3 ms, resnet18's 38.6 ms 20.0 ms.
+when they are large: the levers table has mobilenet_v3_small at 1 connection at 179/s with 2
+workers x 2 ORT threads against 215 shipped, resnet18 at 43.0 against the shipped 24.5 of round
+9 (before this session existed).
 """
 
 from __future__ import annotations

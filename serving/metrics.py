@@ -113,8 +113,9 @@ def lone_calls() -> Counter:
 
     return Counter(
         "lone_calls",
-        "Runtime calls of one image made on every core because no other worker's runtime was "
-        "running (serving/cores.py; model.lone_request_threads), by model.",
+        "Runtime calls of a request alone in its worker made on the session for calls alone, "
+        "no other worker's runtime being busy (serving/cores.py; model.lone_request_threads), "
+        "by model.",
         labelnames=["model"],
         namespace=NAMESPACE,
     )

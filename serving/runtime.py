@@ -264,10 +264,11 @@ def cpu_sessions_sharing_weights(model_path: Path, threads: Sequence[int], spin:
             options = session_options(count, spin)
             if count != threads[0]:
                 # A call alone's session plans no memory pattern (one block for all of a call's
-                # activations, kept per input shape): resnet18's worker held 5 MB less after 50
-                # calls alone, at 21.0 against 20.4 ms per image. Its arena stays: without it,
-                # the heap glibc kept of the calls' freed activations grew resnet18's server by
-                # 50 MB over 360 calls alone (`python -m bench`, 2026-12-04).
+                # activations, kept per input shape): resnet18's server peaked at 604 MB with it
+                # in a targeted `python -m bench --models resnet18` run, at 592 without it in
+                # `make bench` (docs/performance.md, round 10). Its arena stays: without it, the
+                # heap glibc kept of the calls' freed activations grew resnet18's server by 50
+                # MB over 360 calls alone (the same targeted run, its 1-connection level).
                 options.enable_mem_pattern = False
             for name, value in shared:
                 options.add_initializer(name, value)

@@ -156,9 +156,9 @@ class DeviceInfo(BaseModel):
         "CPU, and device_id is unused.")
     lone_request_threads: int = Field(
         default=0,
-        description="On a CPU: threads of the session a call of one image takes while no "
-        "other worker's runtime is running (model.lone_request_threads); 0: none, every call "
-        "runs on the worker's own threads.")
+        description="On a CPU: threads of the session that the call of a request alone in "
+        "this worker takes while no other worker's runtime is busy "
+        "(model.lone_request_threads); 0: none, every call runs on the worker's own threads.")
 
 
 class ServedModelInfo(BaseModel):

@@ -110,8 +110,9 @@ class ModelSettings(_Section):
     )
     lone_request_threads: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         default="auto",
-        description="On a CPU: threads for a call of one image made while no other worker's "
-        "runtime is running, on a second session of the graph that shares its weights "
+        description="On a CPU: threads for the call of a request alone in its worker (one "
+        "image) made while no other worker's runtime is busy, on a second session of the "
+        "graph that shares its weights "
         "(serving/cores.py); 0 = one per core; no more than intra_op_threads: none. auto: one "
         "per core for a model whose image takes 10 ms or more on one thread (measured at "
         "start), none for the others.",

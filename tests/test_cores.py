@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -38,7 +39,18 @@ def lone_server(trained_model: str, tmp_path_factory: pytest.TempPathFactory
                           workers=2)
     with start_server(["service:ImageClassifier"], cwd=ROOT, log_dir=directory,
                       env={**os.environ, "BENTOML_CONFIG": str(config)}) as server:
+        both_workers_started(server)
         yield server
+
+
+def both_workers_started(server: RunningServer, timeout_s: float = 120) -> None:
+    """/readyz answers once one worker is up; the other may still be loading and calibrating
+    its runtime, which is a busy runtime to every other worker (in `make test`, all 12 requests
+    came while worker 1 was still calibrating, and none took every core)."""
+    deadline = time.monotonic() + timeout_s
+    while server.log_text().count("images per runtime call") < 2:
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.1)
 
 
 def lone_calls(server: RunningServer) -> float:
@@ -59,8 +71,10 @@ def classify(connection: http.client.HTTPConnection, images: list[bytes]) -> lis
 
 def test_requests_one_at_a_time_take_every_core_with_the_same_answers(lone_server) -> None:
     """One keep-alive connection, one request at a time: each is alone in its worker and the
-    other worker idles, so each call of one image takes the session on every core. A request of
-    two images runs on the worker's own session; its answers are the same."""
+    other worker idles, so each call of one image takes the session on every core. The answers
+    are those of a request of two images (which runs as one call on the worker's own session,
+    or, where the worker calibrated one image per call, as two calls alone: either way the
+    same answers; tests/serving/test_runtime.py has the call of several images)."""
     address = urlsplit(lone_server.url)
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
     try:
@@ -72,7 +86,6 @@ def test_requests_one_at_a_time_take_every_core_with_the_same_answers(lone_serve
     finally:
         connection.close()
     assert after - before == REQUESTS, f"{after - before} of {REQUESTS} calls on every core"
-    assert lone_calls(lone_server) == after, "two images: the worker's own session"
     for index, expected in enumerate(together):
         for answer in alone[index * (REQUESTS // len(IMAGES)):][:REQUESTS // len(IMAGES)]:
             assert [c["label"] for c in answer["top_k"]] == \

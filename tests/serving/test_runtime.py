@@ -346,10 +346,9 @@ def test_threads_spin_only_when_asked(tmp_path: Path, spin: bool) -> None:
 # --- the session on every core for a call alone (serving/cores.py) ------------------------------
 
 def lone_runtime(tmp_path: Path, **graph: int) -> OnnxRuntime:
-    runtime = OnnxRuntime(conv_graph(tmp_path / ONNX_FILE, **graph), CONV_SPEC,
-                          GraphSpec(feature_dim=graph.get("width", 256)), providers=["cpu"],
-                          intra_op_threads=1)
-    return runtime
+    return OnnxRuntime(conv_graph(tmp_path / ONNX_FILE, **graph), CONV_SPEC,
+                       GraphSpec(feature_dim=graph.get("width", 256)), providers=["cpu"],
+                       intra_op_threads=1)
 
 
 def called_alone(runtime: OnnxRuntime, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
