@@ -215,6 +215,7 @@ def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: 
         time.sleep(2)  # settled: what the server holds before any request
         idle_rss_processes_mb = load.rss_by_process_mb(running.pid)
         idle_rss_mb = sum(idle_rss_processes_mb)
+        lone_threads = served_lone_request_threads(running.url) if server == "bentoml" else None
         print(f"[{key}] {server}: ready in {running.ready_s:.2f}s, idle RSS {idle_rss_mb:.0f} MB",
               flush=True)
         load.run_wrk(running.url, running.pid, upload, 16, 3, content_type=content_type,
@@ -232,7 +233,23 @@ def measure_served(key: str, server: str, tag: str, model_dir: Path, overrides: 
         floor = (load.floor(running.url, 5, running.pid)
                  if server == "bentoml" and task == "classification" else {})
     return {"ready_s": running.ready_s, "idle_rss_mb": idle_rss_mb,
-            "idle_rss_processes_mb": idle_rss_processes_mb, "levels": levels, "floor": floor}
+            "idle_rss_processes_mb": idle_rss_processes_mb, "levels": levels, "floor": floor,
+            **({"lone_request_threads": lone_threads} if lone_threads is not None else {})}
+
+
+def served_lone_request_threads(url: str) -> int | None:
+    """The threads a request alone runs on in the service's workers, as /model_info says
+    (device.lone_request_threads: what the worker opened, not the setting); None where it does
+    not say."""
+    import urllib.request
+
+    request = urllib.request.Request(url + "/model_info", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(json.load(answer)["device"]["lone_request_threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def measure_detector(key: str, args: argparse.Namespace, document: dict) -> dict:

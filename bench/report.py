@@ -375,7 +375,7 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
     decode_ms = work_ms(entry, cores)[1]
     served_ms = service["workers"] * 1000 / by_batch(entry["runtime_service_threads"], 1)
     all_cores_ms = 1000 / by_batch(entry["runtime_all_threads"], 1)
-    every_core = alone_on_every_core(service, served_ms, cores)
+    every_core = alone_on_every_core(entry, service, served_ms, cores)
     alone_ms = all_cores_ms if every_core else served_ms
     head = (f"- **{key}, {c} connection{'s' if c > 1 else ''}**: p50 {ours['p50_ms']:.1f} ms "
             f"against FastAPI's {theirs['p50_ms']:.1f} (10% over is "
@@ -423,16 +423,21 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
         f"not a bound of the machine" + thread_lever(results, key) + ".")
 
 
-def alone_on_every_core(service: dict, served_ms: float, cores: int) -> bool:
+def alone_on_every_core(entry: dict, service: dict, served_ms: float, cores: int) -> bool:
     """Whether the run's service answered a request alone on every core: the session for calls
-    alone (serving/cores.py, model.lone_request_threads), which `auto` opens for a model whose
-    image takes LONE_MIN_S or more on a worker's threads (`served_ms` here). False for runs that
-    did not record the setting (before it existed)."""
-    from serving.cores import lone_request_threads
-
+    alone (serving/cores.py, model.lone_request_threads), as the server's /model_info said
+    (`lone_request_threads` of its served entry). Runs before that was recorded: `auto` opened
+    it then (round 10) for a model whose image took 10 ms or more on a worker's threads
+    (`served_ms` here); runs before the setting existed: never."""
+    served = entry["served"]["bentoml"].get("lone_request_threads")
+    if served is not None:
+        return bool(served >= cores)
     setting = service.get("lone_request_threads")
-    return setting is not None and lone_request_threads(
-        setting, service["intra_op_threads"], cores, lambda: served_ms / 1000) >= cores
+    if setting is None:
+        return False
+    own = service["intra_op_threads"] or cores
+    wanted = (cores if served_ms >= 10 else 0) if setting == "auto" else int(setting) or cores
+    return bool(wanted > own and wanted >= cores)
 
 
 def by_batch(rates: dict, size: int) -> float:

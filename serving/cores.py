@@ -1,5 +1,4 @@
-"""Idle cores: a heavy model's image alone runs on every core while the other workers' runtimes
-are idle.
+"""Idle cores: a request alone runs on every core while the other workers' runtimes are idle.
 
 Why: a worker runs its model on one ONNX Runtime thread, and one worker per core serves most
 under load (configuration.yaml). A request alone then leaves the other cores idle: in `make
@@ -19,11 +18,12 @@ thread per core; every other call goes to the worker's own. The two sessions sha
 (serving/weights.py). Two workers that both find the others idle at the same instant both take
 every core for that call: what two threads per worker would cost, for one call.
 
-Which models: with lone_request_threads `auto`, those whose one image takes LONE_MIN_S or more
-on one thread, measured as the worker starts. Splitting an image's operators over threads pays
-when they are large: the levers table has mobilenet_v3_small at 1 connection at 179/s with 2
-workers x 2 ORT threads against 215 shipped, resnet18 at 43.0 against the shipped 24.5 of round
-9 (before this session existed).
+Which models: with lone_request_threads `auto`, every model on a CPU with more cores than a
+worker's own threads. The second session's threads spin between operators while its call runs
+and stop when it returns (serving/runtime.py, lone_call_options): with threads that sleep
+between operators, splitting a light model's image costs what it saves (the levers table,
+mobilenet_v3_small at 1 connection: 179/s with 2 workers x 2 ORT threads against 215 shipped);
+with threads that spin, 244/s. Round 10 opened it for heavy models only, with sleeping threads.
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ from .slots import Board, board_path
 # alone in their worker too, resnet18 at 64 connections made 32 calls on every core in 15 s in
 # such gaps, each then sharing the cores with the other worker's thread.)
 QUIET_S = 0.010
-# A model whose one image takes this long on one thread gets a session on every core for calls
-# alone (lone_request_threads: auto): over 3x mobilenet_v3_small's image and under a third of
-# resnet18's, on this machine, while the other workers start beside it.
-LONE_MIN_S = 0.010
 
 
 def machine_cores() -> int:
@@ -113,14 +109,10 @@ def worker_share() -> CoreShare:
     return CoreShare(Board(Path(path), server_context.worker_index))
 
 
-def lone_request_threads(setting: int | str, worker_threads: int, cores: int,
-                         one_image_s: Callable[[], float]) -> int:
+def lone_request_threads(setting: int | str, worker_threads: int, cores: int) -> int:
     """Threads of the session for calls alone (model.lone_request_threads); 0: no such session.
     `worker_threads`: the worker's own session's (model.intra_op_threads, 0 = one per core);
-    `one_image_s`: times one image on it (asked only for `auto`)."""
+    auto: one per core."""
     own = worker_threads or cores
-    if setting == "auto":
-        wanted = cores if cores > own and one_image_s() >= LONE_MIN_S else 0
-    else:
-        wanted = int(setting) or cores
+    wanted = cores if setting == "auto" else int(setting) or cores
     return wanted if wanted > own else 0

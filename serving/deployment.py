@@ -23,7 +23,7 @@ import numpy as np
 from bentoml.exceptions import NotFound
 
 from . import metrics
-from .calibration import best_batch_size, call_seconds
+from .calibration import best_batch_size
 from .contract import ONNX_FILE, ModelCard
 from .cores import lone_request_threads, machine_cores, worker_share
 from .drift import DriftMonitor
@@ -167,8 +167,8 @@ class Deployment:
         once; the predictor that answers with them."""
         runtimes = [self.load_runtime(entry, task) for entry in self.served]
         pieces = [self.piece_size(runtime) for runtime in runtimes]
-        for entry, runtime in zip(self.served, runtimes):  # after the calibration: it times
-            self.add_lone_session(entry, runtime)           # calls on the worker's threads
+        for entry, runtime in zip(self.served, runtimes):  # after the calibration: the
+            self.add_lone_session(entry, runtime)           # session its calls grew is replaced
         predictor = Predictor(task, self.card.graph, runtimes, [e.tag for e in self.served],
                               [self.drift_monitor(e) for e in self.served], self.load_shadow(task),
                               pieces)
@@ -205,10 +205,8 @@ class Deployment:
         model = self.settings.model
         if runtime.on_gpu:
             return
-        blank = np.zeros((1, *runtime.input_spec.shape), np.uint8)
         threads = lone_request_threads(model.lone_request_threads, model.intra_op_threads,
-                                       machine_cores(),
-                                       lambda: call_seconds(runtime.run, blank))
+                                       machine_cores())
         if threads:
             runtime.open_lone_session(threads, metrics.lone_calls().labels(model=entry.tag).inc)
 

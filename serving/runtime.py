@@ -237,6 +237,27 @@ def session_options(intra_op_threads: int, spin: bool = False) -> ort.SessionOpt
     return options
 
 
+def lone_call_options(threads: int) -> ort.SessionOptions:
+    """The session for calls alone (serving/cores.py): its threads spin between operators while
+    a call runs, and stop as soon as it returns (`session.force_spinning_stop`).
+
+    Why spin: such a call runs only while the other workers' runtimes are idle, and threads
+    that sleep between operators cost a light model's image what splitting it saves (the levers
+    table, mobilenet_v3_small at 1 connection: 179/s with 2 workers x 2 ORT threads against 215
+    shipped; with spinning threads 244/s). Why stop: a thread that spins on after the call takes
+    a core from the next request's decoding, or from another worker whose request has come.
+
+    It plans no memory pattern (one block for all of a call's activations, kept per input
+    shape): resnet18's server peaked at 604 MB with it in a targeted `python -m bench --models
+    resnet18` run, at 592 without it in `make bench` (docs/performance.md, round 10). Its arena
+    stays: without it, the heap glibc kept of the calls' freed activations grew resnet18's
+    server by 50 MB over 360 calls alone (the same targeted run, its 1-connection level)."""
+    options = session_options(threads, spin=True)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.enable_mem_pattern = False
+    return options
+
+
 def write_optimized_graph(model_path: Path, directory: Path, intra_op_threads: int,
                           spin: bool = False) -> Path:
     """The graph ONNX Runtime's optimizations (all levels) make of `model_path` for this CPU,
@@ -253,7 +274,8 @@ def cpu_sessions_sharing_weights(model_path: Path, threads: Sequence[int], spin:
                                  ) -> tuple[list[ort.InferenceSession], list[ort.OrtValue]]:
     """Sessions of `model_path`'s optimized graph, one per thread count in `threads`, over one
     copy of its large weights (serving/weights.py); and those weights, which must outlive the
-    sessions."""
+    sessions. The first is the worker's own (`spin` as set); the others are for calls alone
+    (lone_call_options)."""
     ort_module = onnxruntime()
     with tempfile.TemporaryDirectory(prefix="onnx-optimized-") as scratch:
         optimized = write_optimized_graph(model_path, Path(scratch), threads[0], spin)
@@ -261,15 +283,8 @@ def cpu_sessions_sharing_weights(model_path: Path, threads: Sequence[int], spin:
                   for name, array in large_weights(optimized.read_bytes()).items()]
         sessions = []
         for count in threads:
-            options = session_options(count, spin)
-            if count != threads[0]:
-                # A call alone's session plans no memory pattern (one block for all of a call's
-                # activations, kept per input shape): resnet18's server peaked at 604 MB with it
-                # in a targeted `python -m bench --models resnet18` run, at 592 without it in
-                # `make bench` (docs/performance.md, round 10). Its arena stays: without it, the
-                # heap glibc kept of the calls' freed activations grew resnet18's server by 50
-                # MB over 360 calls alone (the same targeted run, its 1-connection level).
-                options.enable_mem_pattern = False
+            options = session_options(count, spin) if count == threads[0] else \
+                lone_call_options(count)
             for name, value in shared:
                 options.add_initializer(name, value)
             # From the file: a session made from bytes keeps them (ORT's Python wrapper holds

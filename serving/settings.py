@@ -114,8 +114,8 @@ class ModelSettings(_Section):
         "image) made while no other worker's runtime is busy, on a second session of the "
         "graph that shares its weights "
         "(serving/cores.py); 0 = one per core; no more than intra_op_threads: none. auto: one "
-        "per core for a model whose image takes 10 ms or more on one thread (measured at "
-        "start), none for the others.",
+        "per core. Its threads spin between operators while the call runs and stop when it "
+        "returns.",
     )
     thread_spinning: bool = Field(
         default=False,

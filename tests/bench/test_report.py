@@ -189,6 +189,24 @@ def test_a_heavy_models_request_alone_is_held_to_the_runtime_on_every_core() -> 
     assert "`model.intra_op_threads: 2`" in report.latency_bound("heavy", heavy, 1, results)
 
 
+def test_what_the_server_opened_decides_over_the_setting_where_the_run_recorded_it() -> None:
+    """/model_info's device.lone_request_threads, kept in the served entry since round 11: a
+    light model's request alone on every core (auto opens it for every model now), and a
+    heavy model's on one thread where the server opened none."""
+    light = classifier([cpu_level(1, 300, 1.0, p50=3.0)], ceiling=500.0, decode_ms=0.2,
+                       fastapi=[cpu_level(1, 450, 2.0, p50=2.0)])
+    light["runtime_all_threads"] = {"1": 800.0, "8": 900.0}  # 1.25 ms for one image
+    results = results_of("light", light)
+    results["service"]["lone_request_threads"] = "auto"
+    assert "(on every core" not in report.latency_bound("light", light, 1, results), \
+        "not recorded: auto was for images of 10 ms or more (8 ms here)"
+    light["served"]["bentoml"]["lone_request_threads"] = 2
+    assert "(on every core, a request alone) and its decoding take 1.45 ms" in \
+        report.latency_bound("light", light, 1, results)
+    light["served"]["bentoml"]["lone_request_threads"] = 0
+    assert "(on every core" not in report.latency_bound("light", light, 1, results)
+
+
 def test_a_gpu_run_gets_no_bounds_of_cpu_goals() -> None:
     entry = classifier([cpu_level(64, 10, 1.0)], ceiling=53.0, decode_ms=0.3,
                        torchserve=[cpu_level(64, 51, 1.9)])

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from serving.deployment import return_freed_memory
 from serving.runtime import OnnxRuntime, choose_providers, cpu_session_of_optimized_graph
 from serving.slots import Board
 from serving.weights import large_weights
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -359,6 +363,19 @@ def called_alone(runtime: OnnxRuntime, pixels: np.ndarray) -> tuple[np.ndarray, 
         REQUEST_ALONE.reset(marked)
 
 
+def spinning(session: ort.InferenceSession) -> tuple[str, str]:
+    """A session's intra-op spinning and its stop at the end of a call, as ONNX Runtime keeps
+    them ("" where unset)."""
+    options = session.get_session_options()
+
+    def entry(key: str) -> str:
+        try:
+            return str(options.get_session_config_entry(key))
+        except RuntimeError:  # ONNX Runtime's answer for a key never set
+            return ""
+    return entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")
+
+
 def test_a_call_alone_of_one_image_runs_on_every_core_with_the_same_answer(tmp_path: Path
                                                                           ) -> None:
     runtime = lone_runtime(tmp_path, layers=4, width=32)
@@ -369,6 +386,8 @@ def test_a_call_alone_of_one_image_runs_on_every_core_with_the_same_answer(tmp_p
     assert runtime.lone_threads == 2 and runtime.lone_session is not None
     assert runtime.lone_session.get_session_options().intra_op_num_threads == 2
     assert runtime.session.get_session_options().intra_op_num_threads == 1
+    assert spinning(runtime.lone_session) == ("1", "1"), "spins while its call runs, then stops"
+    assert spinning(runtime.session)[0] == "0", "the worker's own, as model.thread_spinning"
     alone = called_alone(runtime, pixels[:1])
     assert len(calls) == 1
     for ours, expected in zip(alone, before[0]):
