@@ -21,9 +21,9 @@ every core for that call: what two threads per worker would cost, for one call.
 Which models: with lone_request_threads `auto`, every model on a CPU with more cores than a
 worker's own threads. The second session's threads spin between operators while its call runs
 and stop when it returns (serving/runtime.py, lone_call_options): with threads that sleep
-between operators, splitting a light model's image costs what it saves (the levers table,
-mobilenet_v3_small at 1 connection: 179/s with 2 workers x 2 ORT threads against 215 shipped);
-with threads that spin, 244/s. Round 10 opened it for heavy models only, with sleeping threads.
+between operators, splitting a light model's image costs what it saves (round 10's levers
+table, mobilenet_v3_small at 1 connection: 179/s with 2 workers x 2 ORT threads against 215
+shipped); with threads that spin, 244/s.
 """
 
 from __future__ import annotations

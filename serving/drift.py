@@ -112,6 +112,26 @@ class DriftState:
     worker_pid: int
 
 
+# The BLAS limit is the process's, and each test restores what it found: the tests of a worker's
+# models (one monitor each) take turns, so that none restores a limit another test set.
+ONE_TEST_AT_A_TIME = threading.Lock()
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """numpy's BLAS (OpenBLAS) on the calling thread alone, for the test's matrix products.
+    Why: OpenBLAS splits a product over a pool of threads it made when numpy was loaded, at the
+    worker's normal priority, so the test's lowest priority (`DriftMonitor._run`) held for its
+    own thread only, and each test took every core from the serving threads for as long as it
+    ran. On one thread it takes what that priority leaves. threadpoolctl (scikit-learn's) finds
+    the loaded BLAS and sets its threads; process-wide while the test runs, which costs the
+    request path nothing (its arrays are far too small for BLAS to split)."""
+    from threadpoolctl import threadpool_limits
+
+    limits: contextlib.AbstractContextManager[object] = threadpool_limits(limits=1,
+                                                                           user_api="blas")
+    return limits
+
+
 class DriftMonitor:
     def __init__(self, model: str, reference: np.ndarray, window_size: int, min_samples: int,
                  interval_s: float, permutations: int, threshold: float) -> None:
@@ -156,7 +176,7 @@ class DriftMonitor:
             observed = self._observed
         if len(sample) < self.min_samples:
             return self._state
-        with self._test_lock:
+        with self._test_lock, ONE_TEST_AT_A_TIME, one_blas_thread():
             statistic, p_value = kernel_mmd(sample, self.reference, self.permutations,
                                             rng=self._rng)
         state = self._snapshot(statistic, p_value, time.time(), observed, len(sample))

@@ -242,10 +242,10 @@ def lone_call_options(threads: int) -> ort.SessionOptions:
     a call runs, and stop as soon as it returns (`session.force_spinning_stop`).
 
     Why spin: such a call runs only while the other workers' runtimes are idle, and threads
-    that sleep between operators cost a light model's image what splitting it saves (the levers
-    table, mobilenet_v3_small at 1 connection: 179/s with 2 workers x 2 ORT threads against 215
-    shipped; with spinning threads 244/s). Why stop: a thread that spins on after the call takes
-    a core from the next request's decoding, or from another worker whose request has come.
+    that sleep between operators cost a light model's image what splitting it saves (round 10's
+    levers table, mobilenet_v3_small at 1 connection: 179/s with 2 workers x 2 ORT threads
+    against 215 shipped; with spinning threads 244/s). Why stop: a thread that spins on after
+    the call takes a core from the next request's decoding, or from another worker's request.
 
     It plans no memory pattern (one block for all of a call's activations, kept per input
     shape): resnet18's server peaked at 604 MB with it in a targeted `python -m bench --models

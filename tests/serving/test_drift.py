@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchdrift
 
+from serving import drift
 from serving.drift import DriftMonitor, kernel_mmd, lower_median
 
 PERMUTATIONS = 1000
@@ -72,3 +73,33 @@ def test_the_window_keeps_the_newest_features() -> None:
     assert monitor.state().observed == 100
     state = monitor.test_now()
     assert state.window_size == 30 and state.observed_at_test == 100 and state.drift is True
+
+
+def test_the_test_runs_blas_on_its_own_thread_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenBLAS's pool runs at the worker's normal priority: the test must not use it
+    (serving/drift.py, one_blas_thread), and the limit ends with the test."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    limits = threadpool_limits(limits=2, user_api="blas")  # a pool to hold back, on any machine
+    before = blas_threads()
+    assert before and 1 not in before, "numpy's BLAS, on 2 threads"
+    during: list[list[int]] = []
+
+    def recording_mmd(*args: object, **kwargs: object) -> tuple[float, float]:
+        during.append(blas_threads())
+        return kernel_mmd(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(drift, "kernel_mmd", recording_mmd)
+    reference = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    monitor = DriftMonitor("m:v1", reference, window_size=30, min_samples=20, interval_s=3600,
+                           permutations=100, threshold=0.01)
+    monitor.observe(reference[:30])
+    try:
+        monitor.test_now()
+        assert during == [[1] * len(before)]
+        assert blas_threads() == before
+    finally:
+        limits.restore_original_limits()
