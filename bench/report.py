@@ -419,7 +419,8 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
     return text + (
         f". The rest of the {ours['p50_ms'] - theirs['p50_ms']:.2f} ms over FastAPI is what this "
         f"service's path adds to a request (admission and limits, the request log, metrics, the "
-        f"drift window, the hand-off to a thread for the runtime): the price of those features, "
+        f"drift window, BentoML's outer middlewares, a call of over 1 ms handed to a thread): the "
+        f"price of those features, "
         f"not a bound of the machine" + thread_lever(results, key) + ".")
 
 
