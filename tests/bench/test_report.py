@@ -191,8 +191,8 @@ def test_a_heavy_models_request_alone_is_held_to_the_runtime_on_every_core() -> 
 
 def test_what_the_server_opened_decides_over_the_setting_where_the_run_recorded_it() -> None:
     """/model_info's device.lone_request_threads, kept in the served entry since round 11: a
-    light model's request alone on every core (auto opens it for every model now), and a
-    heavy model's on one thread where the server opened none."""
+    light model's request alone on every core (auto opens it for every model now), and on one
+    thread where the server opened none."""
     light = classifier([cpu_level(1, 300, 1.0, p50=3.0)], ceiling=500.0, decode_ms=0.2,
                        fastapi=[cpu_level(1, 450, 2.0, p50=2.0)])
     light["runtime_all_threads"] = {"1": 800.0, "8": 900.0}  # 1.25 ms for one image
