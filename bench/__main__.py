@@ -241,14 +241,12 @@ def served_lone_request_threads(url: str) -> int | None:
     """The threads a request alone runs on in the service's workers, as /model_info says
     (device.lone_request_threads: what the worker opened, not the setting); None where it does
     not say."""
-    import urllib.request
+    import httpx
 
-    request = urllib.request.Request(url + "/model_info", data=b"{}",
-                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return int(json.load(answer)["device"]["lone_request_threads"])
-    except (OSError, ValueError, KeyError, TypeError):
+        answer = httpx.post(url + "/model_info", json={}, timeout=10)
+        return int(answer.json()["device"]["lone_request_threads"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -377,6 +377,7 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
     all_cores_ms = 1000 / by_batch(entry["runtime_all_threads"], 1)
     every_core = alone_on_every_core(entry, service, served_ms, cores)
     alone_ms = all_cores_ms if every_core else served_ms
+    image_ms = alone_ms if c == 1 else served_ms  # a request alone only at 1 connection
     head = (f"- **{key}, {c} connection{'s' if c > 1 else ''}**: p50 {ours['p50_ms']:.1f} ms "
             f"against FastAPI's {theirs['p50_ms']:.1f} (10% over is "
             f"{1.1 * theirs['p50_ms']:.1f})")
@@ -407,11 +408,10 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
             "connections off a busy worker over its share.")
     text = head + (". One image through the runtime as served"
                    + (" (on every core, a request alone)" if every_core and c == 1 else "")
-                   + f" and its decoding take "
-                   f"{(alone_ms if c == 1 else served_ms) + decode_ms:.2f} ms, work FastAPI "
+                   + f" and its decoding take {image_ms + decode_ms:.2f} ms, work FastAPI "
                    f"also does"
                    + (f" (its runtime on every core: {all_cores_ms:.2f} ms for the image)"
-                      if all_cores_ms < (alone_ms if c == 1 else served_ms) else ""))
+                      if all_cores_ms < image_ms else ""))
     floors = entry["served"]["bentoml"].get("floor", {})
     if floors:
         text += "; requests that do no work here: " + ", ".join(

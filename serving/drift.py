@@ -112,8 +112,9 @@ class DriftState:
     worker_pid: int
 
 
-# The BLAS limit is the process's, and each test restores what it found: the tests of a worker's
-# models (one monitor each) take turns, so that none restores a limit another test set.
+# Tests take turns: a monitor's thread and POST /drift {test_now}, and the monitors of a worker's
+# models, whose tests each set the process's BLAS limit and restore what they found (one that
+# overlapped another would restore the limit the other set).
 ONE_TEST_AT_A_TIME = threading.Lock()
 
 
@@ -146,7 +147,6 @@ class DriftMonitor:
         self._next = self._filled = self._observed = 0
         self._state = self._snapshot(None, None, None, 0)
         self._rng = np.random.default_rng()
-        self._test_lock = threading.Lock()  # the thread and POST /drift {test_now} take turns
         threading.Thread(target=self._run, name=f"drift-{model}", daemon=True).start()
         metrics.drift_reference_size().labels(model).set(len(reference))
 
@@ -176,7 +176,7 @@ class DriftMonitor:
             observed = self._observed
         if len(sample) < self.min_samples:
             return self._state
-        with self._test_lock, ONE_TEST_AT_A_TIME, one_blas_thread():
+        with ONE_TEST_AT_A_TIME, one_blas_thread():
             statistic, p_value = kernel_mmd(sample, self.reference, self.permutations,
                                             rng=self._rng)
         state = self._snapshot(statistic, p_value, time.time(), observed, len(sample))

@@ -158,7 +158,8 @@ class OnnxRuntime:
             return False
         try:
             (own, lone), shared = cpu_sessions_sharing_weights(
-                self.model_path, [self.intra_op_threads, threads], self.spin)
+                self.model_path, [session_options(self.intra_op_threads, self.spin),
+                                  lone_call_options(threads)])
         except Exception as error:  # a latency gain, not a condition to serve
             logger.warning("No session on %d threads for calls alone: %s", threads, error)
             return False
@@ -270,21 +271,19 @@ def write_optimized_graph(model_path: Path, directory: Path, intra_op_threads: i
     return optimized
 
 
-def cpu_sessions_sharing_weights(model_path: Path, threads: Sequence[int], spin: bool = False
+def cpu_sessions_sharing_weights(model_path: Path, sessions_options: Sequence[ort.SessionOptions]
                                  ) -> tuple[list[ort.InferenceSession], list[ort.OrtValue]]:
-    """Sessions of `model_path`'s optimized graph, one per thread count in `threads`, over one
-    copy of its large weights (serving/weights.py); and those weights, which must outlive the
-    sessions. The first is the worker's own (`spin` as set); the others are for calls alone
-    (lone_call_options)."""
+    """Sessions of `model_path`'s optimized graph, one per options in `sessions_options`, over
+    one copy of its large weights (serving/weights.py); and those weights, which must outlive
+    the sessions. The graph is optimized with the first session's threads."""
     ort_module = onnxruntime()
     with tempfile.TemporaryDirectory(prefix="onnx-optimized-") as scratch:
-        optimized = write_optimized_graph(model_path, Path(scratch), threads[0], spin)
+        optimized = write_optimized_graph(model_path, Path(scratch),
+                                          sessions_options[0].intra_op_num_threads)
         shared = [(name, ort_module.OrtValue.ortvalue_from_numpy(array))
                   for name, array in large_weights(optimized.read_bytes()).items()]
         sessions = []
-        for count in threads:
-            options = session_options(count, spin) if count == threads[0] else \
-                lone_call_options(count)
+        for options in sessions_options:
             for name, value in shared:
                 options.add_initializer(name, value)
             # From the file: a session made from bytes keeps them (ORT's Python wrapper holds
