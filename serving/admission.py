@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from .asgi import ASGIApp, Headers, Message, Receive, Scope, Send, bearer_token, header
 from .errors import STATUS, error_body, from_bentoml_validation
-from .metrics import admission_gate, rejected_requests
+from .metrics import admission_gate, labelled, rejected_requests
 from .settings import LimitsSettings
 
 
@@ -316,9 +316,9 @@ class Budget:
     def report(self) -> None:
         """The gate's state in /metrics (image_classifier_admission_gate)."""
         gauge = admission_gate()
-        gauge.labels(self.key, "waiting").set(len(self.waiting))
-        gauge.labels(self.key, "in_flight").set(self.in_flight)
-        gauge.labels(self.key, "limit").set(self.pace_limit())
+        labelled(gauge, self.key, "waiting").set(len(self.waiting))
+        labelled(gauge, self.key, "in_flight").set(self.in_flight)
+        labelled(gauge, self.key, "limit").set(self.pace_limit())
 
     def let_in(self) -> None:
         """Give turns, oldest first, while the pace admits more."""
@@ -567,7 +567,7 @@ async def refuse(
 ) -> None:
     """Answer `{"error": code, "detail": detail}` with the code's status (or `status`)."""
     status = status or int(STATUS[code])
-    rejected_requests().labels(reason=code, status=str(status)).inc()
+    labelled(rejected_requests(), code, str(status)).inc()
     body = error_body(code, detail)
     await send({
         "type": "http.response.start",

@@ -99,10 +99,10 @@ class Classification:
         """Per model: answers by class, their confidence and their latency."""
         by_class = Counter((p.model, p.label) for p in predictions)
         for (model, label), count in by_class.items():
-            metrics.predictions().labels(model, label).inc(count)
+            metrics.labelled(metrics.predictions(), model, label).inc(count)
         for prediction, elapsed in zip(predictions, seconds):
-            metrics.confidence().labels(prediction.model).observe(prediction.confidence)
-            metrics.processing_seconds().labels(prediction.model).observe(elapsed)
+            metrics.labelled(metrics.confidence(), prediction.model).observe(prediction.confidence)
+            metrics.labelled(metrics.processing_seconds(), prediction.model).observe(elapsed)
 
     @staticmethod
     def tensors(outputs: Mapping[str, np.ndarray], graph: GraphSpec,

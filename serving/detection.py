@@ -155,12 +155,14 @@ class Detection:
         """Per model: detections per image, their scores, detections per class, latency."""
         by_class = Counter((a.model, d.label) for a in answers for d in a.detections)
         for (model, label), count in by_class.items():
-            metrics.detections().labels(model, label).inc(count)
+            metrics.labelled(metrics.detections(), model, label).inc(count)
         for answer, elapsed in zip(answers, seconds):
-            metrics.detections_per_image().labels(answer.model).observe(len(answer.detections))
+            model = answer.model
+            metrics.labelled(metrics.detections_per_image(), model).observe(len(answer.detections))
+            scores = metrics.labelled(metrics.detection_score(), model)
             for detection in answer.detections:
-                metrics.detection_score().labels(answer.model).observe(detection.score)
-            metrics.processing_seconds().labels(answer.model).observe(elapsed)
+                scores.observe(detection.score)
+            metrics.labelled(metrics.processing_seconds(), model).observe(elapsed)
 
     @staticmethod
     def tensors(outputs: Mapping[str, np.ndarray], graph: GraphSpec,

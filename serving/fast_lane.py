@@ -50,7 +50,7 @@ from starlette.responses import JSONResponse, Response
 from .admission import alone_in_its_budget
 from .asgi import ASGIApp, Receive, Scope, Send, header
 from .cores import REQUEST_ALONE
-from .metrics import fast_lane_answers
+from .metrics import fast_lane_answers, labelled
 from .predictor import RUNNING
 
 # A call this short runs in the event loop: a thread hand-off and back costs about as much.
@@ -69,6 +69,7 @@ class Lane:
     field: str  # its one input parameter
     call_s: float = 4 * INLINE_MAX_S  # in a thread until calls have been measured short
     method: Callable[[Any], Any] | None = None  # the service instance's, once it exists
+    batch_sizes: Any = None  # its series of BentoML's batch-size histogram; False: metrics off
 
     def timed(self, call: Callable[[Any], Any], value: Any) -> Any:
         started = time.perf_counter()
@@ -77,6 +78,38 @@ class Lane:
         finally:
             elapsed = time.perf_counter() - started
             self.call_s += SMOOTHING * (elapsed - self.call_s)
+
+
+@dataclass(frozen=True)
+class BentoHeaders:
+    """The headers BentoML's endpoints add to every answer (1.4.39's
+    ServiceAppFactory._add_response_headers: Server, the request id, the trace id where
+    configured), with the configuration read once. BentoML's method resolves its injected
+    logging format on every call (simple_di binds its signature): ~20 us a request."""
+
+    server: str
+    request_id_format: str
+    trace_id_format: str | None  # None: BentoML's http.response.trace_id is off
+
+    @classmethod
+    def of(cls, service_name: str) -> BentoHeaders:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        formats = BentoMLContainer.logging_formatting.get()
+        trace_on = BentoMLContainer.http.response.trace_id.get()
+        return cls(f"BentoML Service/{service_name}", formats["span_id"],
+                   formats["trace_id"] if trace_on else None)
+
+    def add_to(self, response: Response) -> None:
+        from bentoml._internal.context import trace_context
+
+        response.headers["Server"] = self.server
+        if trace_context.request_id is not None:
+            response.headers["X-BentoML-Request-ID"] = format(trace_context.request_id,
+                                                              self.request_id_format)
+        if self.trace_id_format is not None and trace_context.trace_id is not None:
+            response.headers["X-BentoML-Trace-ID"] = format(trace_context.trace_id,
+                                                            self.trace_id_format)
 
 
 def lanes_of(apis: Mapping[str, Any]) -> dict[str, Lane]:
@@ -115,6 +148,7 @@ class FastLane:
         self.service = service
         self.lanes = lanes_of(service.apis)
         self._service_app: Any = None  # BentoML's app factory (its batchers), looked up once
+        self.headers = BentoHeaders.of(service.name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = self.lanes.get(scope["path"]) if scope["type"] == "http" else None
@@ -131,11 +165,7 @@ class FastLane:
         try:
             with self.service.context.in_request(request):  # as BentoML's ContextMiddleware
                 response = await self._respond(lane, request, alone)
-            # BentoML's own headers on every answer of its endpoints (Server, request id).
-            if self._service_app:
-                self._service_app._add_response_headers(response)
-            else:
-                response.headers["Server"] = f"BentoML Service/{self.service.name}"
+            self.headers.add_to(response)
             await response(scope, receive, send)
         finally:
             await request.close()  # the uploads' spooled files, as BentoML's endpoint does
@@ -167,7 +197,7 @@ class FastLane:
             return JSONResponse({"error": UNEXPECTED}, status_code=500)
         if alone:
             self._count_a_batch_of_one(lane)
-        fast_lane_answers().labels(route=lane.api.route, how="alone" if alone else "batched").inc()
+        labelled(fast_lane_answers(), lane.api.route, "alone" if alone else "batched").inc()
         return response
 
     def _count_a_batch_of_one(self, lane: Lane) -> None:
@@ -176,13 +206,15 @@ class FastLane:
         second object on one multiprocess series, and each would overwrite the other's total."""
         from bentoml._internal.context import server_context
 
-        batch_sizes = self._service_app.adaptive_batch_size_hist \
-            if self._service_app and self._service_app.enable_metrics else None
-        if batch_sizes is not None:
-            batch_sizes.labels(
+        if lane.batch_sizes is None:
+            batch_sizes = self._service_app.adaptive_batch_size_hist \
+                if self._service_app and self._service_app.enable_metrics else None
+            lane.batch_sizes = False if batch_sizes is None else batch_sizes.labels(
                 runner_name=self.service.name, worker_index=server_context.worker_index,
                 method_name=lane.name, service_version=server_context.bento_version,
-                service_name=server_context.bento_name).observe(1)
+                service_name=server_context.bento_name)
+        if lane.batch_sizes:
+            lane.batch_sizes.observe(1)
 
     async def _batched(self, lane: Lane, value: Any) -> Any:
         """The answer BentoML's batcher gives this request's items, batched with the others."""

@@ -172,7 +172,7 @@ class Inputs:
         request = current_request()
         if request is not None and not request.scope["state"].get(_COUNTED_KEY):
             request.scope["state"][_COUNTED_KEY] = True  # variant() made the state
-            metrics.routed_requests().labels(self.deployment.served[index].tag).inc()
+            metrics.labelled(metrics.routed_requests(), self.deployment.served[index].tag).inc()
         return index
 
     def _decode_upload(self, upload: Any, _bentoml_decoder: ValidatorFunctionWrapHandler

@@ -63,3 +63,29 @@ def test_calls_are_run_in_the_loop_only_once_measured_short() -> None:
     assert lane.call_s < INLINE_MAX_S
     with pytest.raises(ZeroDivisionError):
         lane.timed(lambda value: value / 0, 1)
+
+
+@pytest.mark.parametrize("request_id", [None, 0x1F2E3D4C5B6A7988])
+def test_the_lane_adds_the_headers_bentoml_adds_to_its_answers(request_id: int | None) -> None:
+    """BentoHeaders reads BentoML's configuration once; what it adds must stay what BentoML's
+    own endpoints add (ServiceAppFactory._add_response_headers), with or without a request id."""
+    import contextvars
+
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.context import trace_context
+    from starlette.responses import JSONResponse
+
+    from serving.fast_lane import BentoHeaders
+
+    def both() -> tuple[dict[str, str], dict[str, str]]:
+        trace_context.request_id = request_id
+        ours, bentoml_s = JSONResponse([]), JSONResponse([])
+        BentoHeaders.of("ImageClassifier").add_to(ours)
+        factory = SimpleNamespace(service=SimpleNamespace(name="ImageClassifier"))
+        ServiceAppFactory._add_response_headers(factory, bentoml_s)
+        return dict(ours.headers), dict(bentoml_s.headers)
+
+    ours, bentoml_s = contextvars.copy_context().run(both)
+    assert ours == bentoml_s
+    assert ours["server"] == "BentoML Service/ImageClassifier"
+    assert ("x-bentoml-request-id" in ours) == (request_id is not None)
