@@ -8,10 +8,12 @@ httpx and psutil, both dependencies of bentoml, so it runs wherever the project'
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,12 +26,36 @@ class NotReadyError(RuntimeError):
     """The process exited, or did not answer in time; the caller adds its log."""
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the system takes a port from when a program binds port 0 (Linux's setting,
+    else its default)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on at 127.0.0.1 now (the system picks it)."""
-    with socket.socket() as sock:
+    """A TCP port nothing listens on at 127.0.0.1 now, chosen below the system's ephemeral range.
+    Why not port 0: the port is free when chosen and bound by the server a moment later, and
+    meanwhile anything that binds port 0 may be given the same one; BentoML does that for its
+    own sockets as it starts (a `make bench` run lost a server when circus bound its control
+    socket to the port the bench had chosen for HTTP). Below the range, only a program that
+    chose its port as this one does can take it."""
+    low, _ = ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), max(1025, low))
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue  # in use (or still closing): try another
+            return port
+    with socket.socket() as sock:  # nothing free below the range: the system's choice
         sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def wait_until_ready(url: str, alive: Callable[[], bool], timeout_s: float,

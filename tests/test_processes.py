@@ -14,7 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import psutil
 import pytest
 
-from devtools.processes import NotReadyError, free_port, stop_tree, wait_until_ready
+from devtools.processes import (
+    NotReadyError,
+    ephemeral_ports,
+    free_port,
+    stop_tree,
+    wait_until_ready,
+)
 
 # A parent that starts a child and prints its PID; with "ignore" it then ignores SIGTERM.
 PARENT = """
@@ -59,6 +65,16 @@ def gone(pid: int) -> bool:
 def test_a_free_port_can_be_bound() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", free_port()))
+
+
+def test_a_free_port_is_never_one_the_system_hands_out_for_port_0() -> None:
+    """What BentoML binds to port 0 as it starts cannot take the port chosen for its server."""
+    low, high = ephemeral_ports()
+    ports = {free_port() for _ in range(50)}
+    assert all(1024 <= port < low for port in ports), sorted(ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert low <= sock.getsockname()[1] <= high
 
 
 def test_waiting_ends_when_the_url_answers(answering_url: str) -> None:
