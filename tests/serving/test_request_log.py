@@ -4,6 +4,7 @@ id sent back in X-Request-ID."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from serving.asgi import ASGIApp, Receive, Scope, Send
-from serving.request_log import RequestLog, log_line, request_logger
+from serving.request_log import RequestLog, log_line, request_logger, write_line
 from tests.helpers import http_scope, run_asgi
 
 TAG = "digits-classifier:v1"
@@ -124,3 +125,55 @@ def test_paths_that_are_not_api_routes_are_not_logged(logged: list[dict]) -> Non
     answer = run_asgi(request_log(), http_scope("/metrics", method="GET"))
     assert answer.status == 200 and "x-request-id" not in answer.headers
     assert logged == []
+
+
+def test_a_line_written_past_logging_is_what_logging_would_have_written() -> None:
+    """write_line: with the logger as request_logger() sets it up, the line goes straight to its
+    handler's stream; once anyone adds a handler (here, a second stream), it goes through
+    logging, and both streams hold the same bytes as the direct write did."""
+    logger = request_logger()
+    handler = logger.handlers[0]
+    direct, through_logging, other = io.StringIO(), io.StringIO(), io.StringIO()
+    records: list[int] = []  # LogRecords made: none on the direct way
+    make_record = logging.getLogRecordFactory()
+
+    def counted(*args: object, **kwargs: object) -> logging.LogRecord:
+        records.append(1)
+        return make_record(*args, **kwargs)
+
+    previous, handlers = handler.setStream(direct), logger.handlers
+    logger.handlers = [handler]  # as a worker has it (pytest may have added its own here)
+    logging.setLogRecordFactory(counted)
+    try:
+        write_line(logger, '{"status": 200}')
+        assert records == []
+        handler.setStream(through_logging)
+        added = logging.StreamHandler(other)
+        added.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(added)
+        try:
+            write_line(logger, '{"status": 200}')
+        finally:
+            logger.removeHandler(added)
+        assert records == [1]
+    finally:
+        logging.setLogRecordFactory(make_record)
+        handler.setStream(previous)
+        logger.handlers = handlers
+    assert direct.getvalue() == through_logging.getvalue() == other.getvalue() == \
+        '{"status": 200}\n'
+
+
+def test_a_silenced_request_logger_writes_nothing() -> None:
+    """An operator who raises the logger's level (or disables logging) is obeyed."""
+    logger = request_logger()
+    handler = logger.handlers[0]
+    stream = io.StringIO()
+    previous, level = handler.setStream(stream), logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        write_line(logger, '{"status": 200}')
+    finally:
+        logger.setLevel(level)
+        handler.setStream(previous)
+    assert stream.getvalue() == ""
