@@ -11,7 +11,7 @@ DETECTOR ?= digits-detector:latest
 PIP_INSTALL := $(BIN)/pip install -qq --disable-pip-version-check -c requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector serve-models test test-fast lint build container container-gpu container-smoke bench peer-venvs bench-gpu bench-models bench-overhead bench-precision soak drift-report clean
+.PHONY: help venv dev-venv model train serve detector-model train-detector serve-detector serve-models test test-fast lint build container container-gpu container-smoke bench peer-venvs bench-gpu bench-models bench-overhead bench-request-path bench-precision soak drift-report clean
 
 help:
 	@echo "make serve   create $(VENV), train+export the default model if the store has none, serve on $(HOST):$(PORT)"
@@ -28,6 +28,7 @@ help:
 	@echo "make container-smoke  build both CPU images, docker run, check them as a user would (size, uid, a killed worker), clean up"
 	@echo "make bench   runtime ceilings + servers under wrk load, classifiers and the detector -> docs/benchmarks.md (about 25 min)"
 	@echo "make bench-overhead  cost of request log, drift and a shadow to served latency -> docs/overhead.md"
+	@echo "make bench-request-path  one request's time inside a worker, part by part, no HTTP -> docs/request-path.md"
 	@echo "make bench-models  what each extra model costs a multi-model deployment -> docs/multi-model-cost.md"
 	@echo "make bench-precision  fp32/fp16/int8 accuracy and CPU throughput -> docs/precision.md"
 	@echo "make drift-report  offline drift investigation -> docs/drift.md + docs/drift.png"
@@ -141,6 +142,12 @@ peer-venvs: $(BIN)/.bench-installed
 soak: $(BIN)/.bench-installed
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# One request's time inside a worker's app, without HTTP: the service in six configurations,
+# a request that does no work and the FastAPI peer, each in a fresh process, x 3 rounds (about
+# 5 min); writes docs/request-path.md.
+bench-request-path: $(BIN)/.bench-installed
+	$(BIN)/python -m bench.request_path $(BENCH_ARGS)
 
 # What the request log, drift detection and a shadow cost the served answers: alternating
 # servers, five configurations x 3 rounds (about 10 min); writes docs/overhead.md.
