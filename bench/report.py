@@ -419,9 +419,10 @@ def latency_bound(key: str, entry: dict, c: int, results: dict) -> str | None:
     return text + (
         f". The rest of the {ours['p50_ms'] - theirs['p50_ms']:.2f} ms over FastAPI is what this "
         f"service's path adds to a request (admission and limits, the request log, metrics, the "
-        f"drift window, BentoML's outer middlewares, a call of over 1 ms handed to a thread): the "
-        f"price of those features, "
-        f"not a bound of the machine" + thread_lever(results, key) + ".")
+        f"drift window, BentoML's outer middlewares and its input and output models, a call of "
+        f"over 1 ms handed to a thread): the price of those features, not a bound of the machine "
+        f"(docs/request-path.md, `make bench-request-path`, times them one by one inside a "
+        f"worker)" + thread_lever(results, key) + ".")
 
 
 def alone_on_every_core(entry: dict, service: dict, served_ms: float, cores: int) -> bool:
