@@ -143,7 +143,9 @@ async def drive(kind: str, requests: int, model_dir: str | None) -> dict[str, fl
     if kind == "fastapi":
         from bench.peers.fastapi_app import create_app
 
-        app, (scope, body) = create_app(Path(model_dir or ".")), multipart_request()
+        if model_dir is None:
+            raise ValueError("the FastAPI peer needs the model's directory (BENCH_MODEL_DIR)")
+        app, (scope, body) = create_app(Path(model_dir)), multipart_request()
     else:
         app = service_app()
         await start_lifespan(app)

@@ -37,6 +37,9 @@ LOGGER_NAME = "image_classifier.requests"
 MAX_BODY_READ = 256 * 1024  # answers larger than this are logged without their predictions
 
 
+LINE_ONLY = logging.Formatter("%(message)s")  # the line is the whole record
+
+
 def request_logger() -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     if not logger.handlers:  # once per worker process
@@ -48,16 +51,12 @@ def request_logger() -> logging.Logger:
     return logger
 
 
-LINE_ONLY = logging.Formatter("%(message)s")
-
-
 def write_line(logger: logging.Logger, line: str) -> None:
     """One line through the request logger. Where the logger is as request_logger() set it up
     (its one handler, on a stream, writing the message alone; no filter; INFO on), the line
-    goes straight to that handler's stream: the same bytes, without building a LogRecord,
-    looking up the caller's frame and taking the handler's lock (the event loop is the only
-    writer). That is ~30 us of a request in a worker (docs/request-path.md). Configured any
-    other way, the line goes through logging as configured."""
+    goes straight to that handler's stream: the same bytes, without building a LogRecord and
+    looking up the caller's frame for it, ~30 us of a request in a worker (performance.md,
+    round 12). Configured any other way, the line goes through logging as configured."""
     handlers = logger.handlers
     if len(handlers) == 1 and not logger.filters and logger.isEnabledFor(logging.INFO):
         handler = handlers[0]
