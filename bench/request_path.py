@@ -88,7 +88,9 @@ def floor_request() -> tuple[dict, bytes]:
 
 
 async def answer(app: Any, scope: dict, body: bytes) -> int:
-    """One request through the app: its status."""
+    """One request through the app: its status. By hand rather than httpx's ASGITransport,
+    whose own request and response objects would be in every figure (and which runs no
+    lifespan)."""
     sent, status = False, 0
 
     async def receive() -> dict:

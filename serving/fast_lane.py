@@ -85,7 +85,7 @@ class BentoHeaders:
     """The headers BentoML's endpoints add to every answer (1.4.39's
     ServiceAppFactory._add_response_headers: Server, the request id, the trace id where
     configured), with the configuration read once. BentoML's method resolves its injected
-    logging format on every call (simple_di binds its signature): ~20 us a request."""
+    logging format on every call (simple_di binds its signature), on every answer."""
 
     server: str
     request_id_format: str

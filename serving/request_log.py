@@ -55,8 +55,8 @@ def write_line(logger: logging.Logger, line: str) -> None:
     """One line through the request logger. Where the logger is as request_logger() set it up
     (its one handler, on a stream, writing the message alone; no filter; INFO on), the line
     goes straight to that handler's stream: the same bytes, without building a LogRecord and
-    looking up the caller's frame for it, ~30 us of a request in a worker (performance.md,
-    round 12). Configured any other way, the line goes through logging as configured."""
+    looking up the caller's frame for it (docs/request-path.md: what the request log costs a
+    request). Configured any other way, the line goes through logging as configured."""
     handlers = logger.handlers
     if len(handlers) == 1 and not logger.filters and logger.isEnabledFor(logging.INFO):
         handler = handlers[0]
